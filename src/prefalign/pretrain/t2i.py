@@ -1,0 +1,152 @@
+"""``prefalign pretrain t2i``: train the shapes world's text-to-image model from scratch.
+
+Data: every step renders a fresh batch from the world's *training* split (held-out colour–shape
+combinations never appear): ``defect_probability`` of the renders carry one uniformly chosen quality
+defect (so the model, like a web-trained one, samples both clean and defective images),
+``style_probability`` carry a style suffix, and ``empty_prompt_probability`` of the prompts are
+replaced by "" so the model supports classifier-free guidance. Loss: ε-MSE at t ~ U{0..T-1}
+(the DDPM objective). AdamW, linear warm-up then cosine decay, gradient clipping, EMA of the weights
+(the EMA is what gets shipped).
+
+Resumable: checkpoints (atomic) every ``checkpoint_every`` steps; ``resume=True`` continues from the
+latest one and reaches bit-identical weights on CPU, because each step's data, noise and timesteps
+are drawn from a generator seeded by (seed, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from prefalign.backbones.shapes import DEFAULT_SCHEDULER_CONFIG, ShapesBackbone, new_shapes_unet, shapes_unet_config
+from prefalign.training.checkpoint import latest_checkpoint, load_checkpoint, optimizer_state_from_tensors, optimizer_state_to_tensors, save_checkpoint
+from prefalign.worlds.shapes.prompts import sample_scenes
+from prefalign.worlds.shapes.render import DEFECTS, render
+
+
+class PretrainT2IConfig(BaseModel):
+    """Settings of ``prefalign pretrain t2i`` (defaults = the shipped model)."""
+
+    image_size: int = Field(32, ge=8, description="image side in pixels")
+    block_out_channels: tuple[int, int, int] = (32, 64, 64)
+    steps: int = Field(2400, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(6e-4, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of the peak")
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = Field(0.998, ge=0, lt=1)
+    defect_probability: float = Field(0.5, ge=0, le=1)
+    style_probability: float = Field(0.15, ge=0, le=1)
+    empty_prompt_probability: float = Field(0.1, ge=0, le=1)
+    seed: int = 0
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+
+
+def lr_at(step: int, config: PretrainT2IConfig) -> float:
+    """Linear warm-up, then cosine decay from the peak to ``min_lr_ratio`` × peak."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    floor = config.min_lr_ratio
+    return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def training_batch(step: int, config: PretrainT2IConfig) -> tuple[torch.Tensor, list[str], torch.Generator]:
+    """The batch of ``step``: images in [0, 1] and prompts; deterministic in (seed, step)."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    scenes = sample_scenes(config.batch_size, seed, "train", config.style_probability)
+    draws = torch.rand(config.batch_size, generator=generator)
+    picks = torch.randint(0, len(DEFECTS), (config.batch_size,), generator=generator)
+    defects = [DEFECTS[int(k)] if float(d) < config.defect_probability else None for d, k in zip(draws, picks)]
+    images = render(scenes, size=config.image_size, defects=defects, generator=generator).images
+    drop = torch.rand(config.batch_size, generator=generator) < config.empty_prompt_probability
+    prompts = ["" if bool(d) else s.prompt for s, d in zip(scenes, drop)]
+    return images, prompts, generator
+
+
+def pretrain_t2i(config: PretrainT2IConfig, run_dir: Path, resume: bool = True, progress: bool = True) -> ShapesBackbone:
+    """Train; returns the backbone holding the EMA weights (also saved to ``run_dir/model``)."""
+    from diffusers.training_utils import EMAModel
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+
+    torch.manual_seed(config.seed)
+    unet_config = shapes_unet_config(config.image_size, block_out_channels=config.block_out_channels)
+    unet = new_shapes_unet(unet_config).train()
+    backbone = ShapesBackbone(unet, DEFAULT_SCHEDULER_CONFIG, config.image_size, model_config={"pretrain": config.model_dump()})
+    schedule = backbone.schedule
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+
+    start_step, elapsed_before = 0, 0.0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        tensors, state = load_checkpoint(checkpoint)
+        unet.load_state_dict(tensors["unet"])
+        optimizer.load_state_dict(optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"]))
+        shadow = tensors["ema"]
+        ema.shadow_params = [shadow[f"{i}"].clone() for i in range(len(ema.shadow_params))]
+        ema.optimization_step = state["ema_optimization_step"]
+        start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="pretrain t2i", disable=not progress)
+    started = time.time()
+    losses: list[float] = []
+    for step in bar:
+        images, prompts, generator = training_batch(step, config)
+        x0 = backbone.images_to_latents(images)
+        cond = backbone.encode_prompts(prompts)
+        t = torch.randint(0, schedule.num_train_timesteps, (config.batch_size,), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        x_t = schedule.add_noise(x0, eps, t).float()
+        loss = torch.nn.functional.mse_loss(backbone.model_output(x_t, t, cond), eps)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}; lower the learning rate and resume")
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        if (step + 1) % config.log_every == 0:
+            mean_loss = sum(losses[-config.log_every :]) / config.log_every
+            writer.add_scalar("train/loss", mean_loss, step + 1)
+            writer.add_scalar("train/grad_norm", float(grad_norm), step + 1)
+            writer.add_scalar("train/lr", lr_at(step, config), step + 1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            opt_tensors, opt_state = optimizer_state_to_tensors(optimizer)
+            save_checkpoint(
+                run_dir,
+                step + 1,
+                {"unet": unet.state_dict(), "ema": {f"{i}": p for i, p in enumerate(ema.shadow_params)}, "optimizer": opt_tensors},
+                {"optimizer": opt_state, "ema_optimization_step": ema.optimization_step, "elapsed_s": elapsed_before + time.time() - started},
+            )
+    writer.close()
+
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    elapsed = elapsed_before + time.time() - started
+    backbone.model_config["pretrain"]["wall_time_s"] = round(elapsed, 1)
+    backbone.save_pretrained(run_dir / "model")
+    (run_dir / "train_summary.json").write_text(json.dumps({"steps": config.steps, "wall_time_s": elapsed, "final_loss": losses[-1] if losses else None}, indent=2))
+    return backbone

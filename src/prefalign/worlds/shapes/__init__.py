@@ -1,0 +1,1 @@
+"""The built-in shapes world: prompts, renderer, defects, styles, masks and the annotator."""
