@@ -34,6 +34,14 @@ SCHEDULES = {
         timestep_spacing="trailing",
         clip_sample=False,
     ),
+    # the shipped pixel-space shapes model: x̂_0 clipped to [-1, 1]
+    "cosine_trailing_clipped": dict(
+        beta_schedule="squaredcos_cap_v2",
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+        clip_sample=True,
+        clip_sample_range=1.0,
+    ),
 }
 
 
@@ -99,7 +107,10 @@ def test_ddim_sample_matches_stock_diffusers_every_step(schedule_name, num_steps
     ours = our_trajectory(config, eps_fn, x_T, num_steps, eta, noises)
     assert len(ours) == num_steps
     worst = scaled_error(ours, reference)
-    assert worst <= 1e-5, f"difference to diffusers {worst:.2e}"
+    # With clipping, float32 rounding of √ᾱ near ᾱ_999 ≈ 2e-9 can move x̂_0 across the clip boundary;
+    # the float64 test below shows the formulas are identical (≤ 1e-12), so allow 1e-4 here.
+    tolerance = 1e-4 if config.get("clip_sample") else 1e-5
+    assert worst <= tolerance, f"difference to diffusers {worst:.2e}"
 
 
 @pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))

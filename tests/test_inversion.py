@@ -162,3 +162,21 @@ def test_invert_eps_timestep_target_convention():
     ddim_invert(lambda x, t: seen.append(t) or torch.zeros_like(x), image(torch.float64), SD, 10,
                 up_to_t=350, eps_timestep="target")
     assert seen == [1, 101, 201, 301, 401]
+
+
+def test_bdia_round_trip_stays_exact_with_clipped_x0():
+    """x̂_0 clipping (pixel models) keeps each D a function of z_i alone, so BDIA stays exact, and
+    clipping really is active on this trajectory."""
+    from prefalign.diffusion import NoiseSchedule, bdia_invert, bdia_regenerate
+
+    config = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing", clip_sample=True, clip_sample_range=1.0)
+    schedule = NoiseSchedule.from_config(config)
+    unclipped = NoiseSchedule.from_config({**config, "clip_sample": False})
+    assert schedule.clip_sample_range == 1.0 and unclipped.clip_sample_range is None
+    weight = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps_fn = lambda x, t: torch.tanh(x * weight + t / 1000)  # noqa: E731
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    pair = bdia_invert(eps_fn, x0, schedule, 20, 1.0)
+    rebuilt = bdia_regenerate(eps_fn, pair, schedule, 20, 1.0)
+    assert ((rebuilt - x0).norm() / x0.norm()).item() <= 1e-9
+    assert not torch.allclose(pair[0], bdia_invert(eps_fn, x0, unclipped, 20, 1.0)[0])

@@ -177,7 +177,10 @@ def test_guided_eps_equals_unet_with_diffusers_cfg(backbones, name):
             time_ids = backbone.time_ids().repeat(4, 1)
             added = {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": time_ids}
         out = pipeline.unet(
-            torch.cat([x_t, x_t]), torch.tensor(t), encoder_hidden_states=torch.cat([negative, positive]), added_cond_kwargs=added
+            torch.cat([x_t, x_t]),
+            torch.tensor(t),
+            encoder_hidden_states=torch.cat([negative, positive]),
+            added_cond_kwargs=added,
         ).sample
     uncond, text = out.chunk(2)
     assert (text - uncond).abs().max() > 1e-4  # the prompt matters, so the check has teeth
@@ -222,7 +225,12 @@ def test_ddim_sampling_equals_the_diffusers_pipeline(backbones, name):
     if backbone.is_inpainting:  # our (deterministic) masked-image latents, the pipeline's mask handling
         extra = {"image": images, "mask_image": masks, "masked_image_latents": cond.concat[:, 1:], "strength": 1.0}
     reference = backbone.pipeline(
-        prompt=PROMPTS, latents=x_T.clone(), num_inference_steps=2, guidance_scale=GUIDANCE, output_type="latent", **extra
+        prompt=PROMPTS,
+        latents=x_T.clone(),
+        num_inference_steps=2,
+        guidance_scale=GUIDANCE,
+        output_type="latent",
+        **extra,
     ).images
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
@@ -267,7 +275,8 @@ def test_inpaint_condition_matches_diffusers_preprocessing(backbones, name):
         masked_latents = pipeline.vae.encode(init_image * (mask_condition < 0.5)).latent_dist.mode()
     expected_mask = F.interpolate(mask_condition, size=(8, 8))
     torch.testing.assert_close(cond.concat[:, :1], expected_mask, rtol=0, atol=0)
-    torch.testing.assert_close(cond.concat[:, 1:], masked_latents * pipeline.vae.config.scaling_factor, rtol=0, atol=1e-5)
+    scaling = pipeline.vae.config.scaling_factor
+    torch.testing.assert_close(cond.concat[:, 1:], masked_latents * scaling, rtol=0, atol=1e-5)
     # the UNet sees 9 channels: x_t, mask, masked-image latents
     seen = []
     hook = backbone.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
@@ -372,7 +381,12 @@ def test_nine_channel_unet_under_a_text_to_image_class_loads_as_inpainting(folde
 
 def test_shapes_names_and_folders_go_to_the_shapes_loader(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(loading, "load_shapes_backbone", lambda path, device, dtype: calls.append(str(path)) or "shapes")
+
+    def fake_loader(path, device, dtype):
+        calls.append(str(path))
+        return "shapes"
+
+    monkeypatch.setattr(loading, "load_shapes_backbone", fake_loader)
     assert load_backbone("shapes-t2i") == "shapes"
     (tmp_path / "prefalign.json").write_text("{}")
     assert load_backbone(tmp_path) == "shapes"

@@ -34,7 +34,7 @@ _MERGES = ["t h", "th e</w>", "a n", "i n", "o n</w>", "r e", "e d</w>", "c a", 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte → printable unicode character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
     n = 0
     for b in range(256):

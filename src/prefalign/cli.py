@@ -27,16 +27,18 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",
 )
 
 
 def _register() -> None:
-    from prefalign.commands import demo, pretrain, sample, world
+    from prefalign.commands import align, demo, pretrain, sample, world
 
     app.add_typer(world.app, name="world")
     app.add_typer(pretrain.app, name="pretrain")
     app.command("sample")(sample.sample)
     app.command("demo")(demo.demo)
+    app.command("align")(align.align)
 
 
 _register()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from prefalign.diffusion.schedule import NoiseSchedule, classifier_free_guidance, eps_from_v
+from prefalign.errors import PrefalignError
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -65,14 +66,17 @@ class Conditioning:
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
+        """Concatenate along the batch; an optional field is kept only if every item has it."""
+
+        def optional(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if any(v is None for v in values) else torch.cat(values)
+
         first = items[0]
         return Conditioning(
             encoder_hidden_states=torch.cat([c.encoder_hidden_states for c in items]),
             added_cond_kwargs={k: torch.cat([c.added_cond_kwargs[k] for c in items]) for k in first.added_cond_kwargs},
-            concat=None if first.concat is None else torch.cat([c.concat for c in items]),
-            sentence_embeddings=(
-                None if first.sentence_embeddings is None else torch.cat([c.sentence_embeddings for c in items])
-            ),
+            concat=optional([c.concat for c in items]),
+            sentence_embeddings=optional([c.sentence_embeddings for c in items]),
         )
 
 
@@ -177,6 +181,13 @@ class Backbone(ABC):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
-    def initial_latents(self, batch_size: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def initial_latents(
+        self, batch_size: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """x_T ~ N(0, I) of the backbone's latent shape (drawn on CPU, so seeds agree across devices)."""
         return torch.randn((batch_size, *self.latent_shape), generator=generator, dtype=dtype).to(self.device)
+
+    def inpaint_conditioning(self, cond: Conditioning, images: torch.Tensor, masks: torch.Tensor) -> Conditioning:
+        """Add the inpainting channels (mask + masked image, in the model's layout) to ``cond``.
+        ``images`` [B, 3, H, W] in [0, 1]; ``masks`` [B, 1, H, W], 1 = repaint."""
+        raise PrefalignError(f"this {self.kind} model is not an inpainting model; load an inpainting model folder")

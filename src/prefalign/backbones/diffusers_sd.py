@@ -97,7 +97,9 @@ class StableDiffusionBackbone(Backbone):
         self.vae = pipeline.vae
         self.kind = kind or infer_kind(pipeline)
         if self.kind not in ("sd", "sdxl", "sd-inpaint", "sdxl-inpaint"):
-            raise PrefalignError(f"unknown Stable Diffusion backbone kind {self.kind!r}; use sd, sdxl, sd-inpaint or sdxl-inpaint")
+            raise PrefalignError(
+                f"unknown Stable Diffusion backbone kind {self.kind!r}; use sd, sdxl, sd-inpaint or sdxl-inpaint"
+            )
         self.is_xl = self.kind.startswith("sdxl")
         self.clip_skip = clip_skip
         self.prompt_cache_size = int(prompt_cache_size)
@@ -119,7 +121,8 @@ class StableDiffusionBackbone(Backbone):
         #: (H, W) in pixels of the default resolution (the pipelines' default height/width).
         self.resolution: tuple[int, int] = (int(h) * self.vae_scale_factor, int(w) * self.vae_scale_factor)
 
-        self.text_encoders = [m for m in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)) if m is not None]
+        encoders = (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None))
+        self.text_encoders = [m for m in encoders if m is not None]
         for module in [self.vae, *self.text_encoders]:
             module.requires_grad_(False).eval()
         self.unet.eval()
@@ -187,7 +190,8 @@ class StableDiffusionBackbone(Backbone):
         if not self.is_xl:
             return cond
         added = dict(cond.added_cond_kwargs)
-        added["time_ids"] = self.time_ids(negative=True, dtype=added["time_ids"].dtype).repeat(batch_size, 1).to(self.device)
+        negative_ids = self.time_ids(negative=True, dtype=added["time_ids"].dtype)
+        added["time_ids"] = negative_ids.repeat(batch_size, 1).to(self.device)
         hidden = cond.encoder_hidden_states
         if self.force_zeros_for_empty_prompt:
             hidden = torch.zeros_like(hidden)
@@ -204,7 +208,11 @@ class StableDiffusionBackbone(Backbone):
         rows: list[dict[str, torch.Tensor]] = [{} for _ in prompts]
         if self.is_xl:
             hidden, _, pooled, _ = pipe.encode_prompt(
-                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False, clip_skip=self.clip_skip
+                prompt=prompts,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                clip_skip=self.clip_skip,
             )
             sentence = F.normalize(pooled.float(), dim=-1)
             for i, row in enumerate(rows):
@@ -224,7 +232,9 @@ class StableDiffusionBackbone(Backbone):
     def _sd_pooled_output(self, prompts: list[str], device: torch.device) -> torch.Tensor | None:
         """SD 1.x/2.x: ``text_encoder(ids).pooler_output`` [B, D], tokenised as ``encode_prompt`` does."""
         tokenizer, text_encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
-        inputs = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        inputs = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
         attention_mask = None
         if getattr(text_encoder.config, "use_attention_mask", False):
             attention_mask = inputs.attention_mask.to(device)
@@ -255,7 +265,8 @@ class StableDiffusionBackbone(Backbone):
         time_dim = getattr(self.unet.config, "addition_time_embed_dim", None)
         if add_embedding is None or time_dim is None:
             raise PrefalignError(
-                f"the {self.kind} UNet has no text_time embedding (addition_embed_type={self.unet.config.addition_embed_type!r}); "
+                f"the {self.kind} UNet has no text_time embedding "
+                f"(addition_embed_type={self.unet.config.addition_embed_type!r}); "
                 "is this really an SDXL pipeline? Check unet/config.json"
             )
         passed = int(time_dim) * self.time_ids().shape[1] + int(text_encoder_2.config.projection_dim)
@@ -263,7 +274,8 @@ class StableDiffusionBackbone(Backbone):
         if passed != expected:
             raise PrefalignError(
                 f"the SDXL UNet expects an added embedding of size {expected} but the time ids and text_encoder_2 give "
-                f"{passed}; check requires_aesthetics_score in model_index.json and projection_dim in text_encoder_2/config.json"
+                f"{passed}; check requires_aesthetics_score in model_index.json and projection_dim in "
+                "text_encoder_2/config.json"
             )
 
     # --- latents -------------------------------------------------------------------------------
@@ -276,7 +288,8 @@ class StableDiffusionBackbone(Backbone):
             raise PrefalignError(f"{what} must be a [B, 3, H, W] tensor in [0, 1], got shape {tuple(images.shape)}")
         if images.shape[-2] % self.vae_scale_factor or images.shape[-1] % self.vae_scale_factor:
             raise PrefalignError(
-                f"{what} of size {tuple(images.shape[-2:])} are not divisible by the VAE factor {self.vae_scale_factor}; "
+                f"{what} of size {tuple(images.shape[-2:])} are not divisible by the VAE factor "
+                f"{self.vae_scale_factor}; "
                 f"resize them (the default resolution is {self.resolution})"
             )
 
@@ -341,13 +354,16 @@ class StableDiffusionBackbone(Backbone):
         self._check_images(images)
         if masks.ndim == 3:
             masks = masks[:, None]
-        if masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[-2:] != images.shape[-2:] or masks.shape[0] != images.shape[0]:
+        batch, _, height, width = images.shape
+        if masks.ndim != 4 or tuple(masks.shape) != (batch, 1, height, width):
             raise PrefalignError(
                 f"masks must be [B, 1, H, W] matching the images {tuple(images.shape)}, got {tuple(masks.shape)}"
             )
         if len(cond) != images.shape[0]:
-            raise PrefalignError(f"got {len(cond)} prompts for {images.shape[0]} images to inpaint; give one prompt per image")
-        masks = (masks.to(images.dtype) >= 0.5).to(images.dtype)  # [B, 1, H, W]
+            raise PrefalignError(
+                f"got {len(cond)} prompts for {images.shape[0]} images to inpaint; give one prompt per image"
+            )
+        masks = (masks.to(device=images.device, dtype=images.dtype) >= 0.5).to(images.dtype)  # [B, 1, H, W]
         masked_pixels = (images * 2 - 1) * (masks < 0.5)  # the hole is 0 in [-1, 1]
         masked_latents = self._encode_pixels(masked_pixels).to(device=self.device, dtype=images.dtype)  # [B, 4, h, w]
         small_masks = F.interpolate(masks, size=masked_latents.shape[-2:]).to(self.device)  # [B, 1, h, w]
@@ -363,7 +379,8 @@ class StableDiffusionBackbone(Backbone):
 
 def infer_kind(pipeline) -> str:
     """"sd"/"sdxl" from the pipeline's text encoders, + "-inpaint" for a 9-channel UNet."""
-    family = "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None or "XL" in type(pipeline).__name__ else "sd"
+    is_xl = getattr(pipeline, "text_encoder_2", None) is not None or "XL" in type(pipeline).__name__
+    family = "sdxl" if is_xl else "sd"
     latent_channels = int(pipeline.vae.config.latent_channels)
     inpaint = int(pipeline.unet.config.in_channels) == 2 * latent_channels + 1
     return family + ("-inpaint" if inpaint else "")
@@ -414,12 +431,15 @@ def check_pipeline_folder(path: str | Path) -> tuple[str, dict]:
     path = Path(path)
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise PrefalignError(f"{path} is not a diffusers pipeline folder (no model_index.json); give the folder saved by save_pretrained")
+        raise PrefalignError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); give the folder saved by save_pretrained"
+        )
     index = _read_json(index_file, "pipeline index")
     class_name = index.get("_class_name")
     if class_name not in SUPPORTED_PIPELINES:
         raise PrefalignError(
-            f"pipeline class {class_name!r} in {index_file} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}"
+            f"pipeline class {class_name!r} in {index_file} is not supported; "
+            f"supported: {', '.join(SUPPORTED_PIPELINES)}"
         )
     family = SUPPORTED_PIPELINES[class_name]
     problems = []
@@ -477,7 +497,9 @@ def load_diffusers_backbone(
     """
     path = Path(path)
     if not path.is_dir():
-        raise PrefalignError(f"diffusers pipeline folder {path} does not exist; give the path of a local pipeline folder")
+        raise PrefalignError(
+            f"diffusers pipeline folder {path} does not exist; give the path of a local pipeline folder"
+        )
     family, index = check_pipeline_folder(path)
     unet_config = _read_json(path / "unet" / "config.json", "UNet config")
     vae_config = _read_json(path / "vae" / "config.json", "VAE config")

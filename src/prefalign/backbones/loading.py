@@ -37,14 +37,16 @@ def load_backbone(
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise PrefalignError(
-            f"model {name!r} not found: it is neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor an existing folder; "
+            f"model {name!r} not found: it is neither a shipped model ({', '.join(SHIPPED_MODELS)}) "
+            "nor an existing folder; "
             "give a local folder (Hub ids are not downloaded: fetch one first, e.g. "
             "`huggingface-cli download ID --local-dir DIR`, and pass DIR)"
         )
     if not path.is_dir():
         raise PrefalignError(
             f"{path} is a file; give the model folder (a shapes model with {MODEL_CONFIG_FILE}, or a diffusers "
-            "pipeline with model_index.json; convert single-file checkpoints with diffusers' from_single_file + save_pretrained)"
+            "pipeline with model_index.json; convert single-file checkpoints with diffusers' from_single_file "
+            "+ save_pretrained)"
         )
     if is_shapes_model_folder(path):
         return load_shapes_backbone(path, device=device, dtype=dtype)

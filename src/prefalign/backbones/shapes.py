@@ -34,7 +34,8 @@ DEFAULT_SCHEDULER_CONFIG = {
     "beta_schedule": "squaredcos_cap_v2",
     "beta_start": 0.0001,
     "beta_end": 0.02,
-    "clip_sample": False,
+    "clip_sample": True,  # x̂_0 ∈ [-1, 1]: pixel space with a cosine schedule needs it (see NoiseSchedule)
+    "clip_sample_range": 1.0,
     "set_alpha_to_one": True,
     "steps_offset": 0,
     "timestep_spacing": "trailing",
@@ -156,7 +157,7 @@ def load_shapes_backbone(name_or_path: str | Path, device: str | torch.device = 
     for part in ("unet/config.json", "scheduler/scheduler_config.json"):
         if not (path / part).is_file():
             raise PrefalignError(f"shapes model folder {path} is missing {part}")
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype).to(device).eval()
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=dtype).to(device).eval()
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     kind = "shapes-inpaint" if config.get("kind") == "shapes-inpaint" else "shapes"
     return ShapesBackbone(unet, scheduler_config, int(config["image_size"]), kind, int(config.get("max_tokens", DEFAULT_MAX_TOKENS)), config)

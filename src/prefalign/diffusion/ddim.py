@@ -22,12 +22,21 @@ EpsFn = Callable[[Tensor, int], Tensor]
 StepCallback = Callable[[int, int, Tensor, Tensor], None]
 
 
-def ddim_jump(x_s: Tensor, eps: Tensor, alpha_bar_s: AlphaBar, alpha_bar_u: AlphaBar) -> Tensor:
+def clipped_x0(x_t: Tensor, eps: Tensor, alpha_bar_t: AlphaBar, clip_range: Optional[float] = None) -> Tensor:
+    """x̂_0(x_t, t), clamped to [−clip_range, clip_range] when given (diffusers' ``clip_sample``)."""
+    x0_hat = predicted_x0(x_t, eps, alpha_bar_t)
+    return x0_hat if clip_range is None else x0_hat.clamp(-clip_range, clip_range)
+
+
+def ddim_jump(
+    x_s: Tensor, eps: Tensor, alpha_bar_s: AlphaBar, alpha_bar_u: AlphaBar, clip_range: Optional[float] = None
+) -> Tensor:
     """D_{s→u}(x_s) = √ᾱ_u·x̂_0(x_s, s) + √(1−ᾱ_u)·ε (METHODS "Notation"); u < s samples, u > s inverts.
 
-    x_s, eps: [B, ...]; returns [B, ...] in x_s's dtype.
+    x_s, eps: [B, ...]; returns [B, ...] in x_s's dtype. ``clip_range`` clamps x̂_0 (see
+    :class:`NoiseSchedule.clip_sample_range`); D stays a function of x_s alone, so BDIA stays exact.
     """
-    x0_hat = predicted_x0(x_s, eps, alpha_bar_s)
+    x0_hat = clipped_x0(x_s, eps, alpha_bar_s, clip_range)
     sqrt_alpha_u, sqrt_one_minus_u = _coefficients(alpha_bar_u, x_s, lambda a: (a.sqrt(), (1 - a).sqrt()))
     return sqrt_alpha_u * x0_hat + sqrt_one_minus_u * eps
 
@@ -47,6 +56,7 @@ def ddim_step(
     alpha_bar_prev: AlphaBar,
     eta: float = 0.0,
     noise: Optional[Tensor] = None,
+    clip_range: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DDIM step t → prev (DDIM eq. 12): returns (x_prev, mean, sigma).
 
@@ -60,7 +70,7 @@ def ddim_step(
     sigma64 = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)  # float64, 0-d or [B]
     alpha_prev64 = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
     direction64 = (1 - alpha_prev64 - sigma64**2).clamp(min=0).sqrt()
-    x0_hat = predicted_x0(x_t, eps, alpha_bar_t)
+    x0_hat = clipped_x0(x_t, eps, alpha_bar_t, clip_range)
     mean = _broadcast(alpha_prev64.sqrt(), x_t) * x0_hat + _broadcast(direction64, x_t) * eps  # [B, ...]
     sigma = _broadcast(sigma64, x_t)
     if eta == 0:
@@ -95,7 +105,9 @@ def ddim_sample(
         noise = None
         if eta > 0:
             noise = noises[step_index] if noises is not None else standard_normal_like(x, generator)
-        x_prev, _, _ = ddim_step(x, eps, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), eta, noise)
+        x_prev, _, _ = ddim_step(
+            x, eps, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), eta, noise, schedule.clip_sample_range
+        )
         if callback is not None:
             callback(step_index, t, x, x_prev)
         x = x_prev

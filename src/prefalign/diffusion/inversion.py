@@ -171,11 +171,12 @@ def ddim_invert(
     if stochastic_scale < 0:
         raise PrefalignError(f"stochastic_scale must be >= 0 (got {stochastic_scale})")
     grid = inversion_levels(schedule, num_steps, up_to_t=up_to_t, levels=levels, stop_rule=stop_rule)
+    clip = schedule.clip_sample_range
     x = x0
     for step_index, (s, u) in enumerate(zip(grid[:-1], grid[1:])):
         alpha_bar_s, alpha_bar_u = schedule.alpha_bar(s), schedule.alpha_bar(u)
         eps = eps_fn(x, _model_timestep(s if eps_timestep == "source" else u))
-        x_next = ddim_jump(x, eps, alpha_bar_s, alpha_bar_u)  # [B, ...]
+        x_next = ddim_jump(x, eps, alpha_bar_s, alpha_bar_u, clip)  # [B, ...]
         if stochastic_scale > 0:
             sigma = float(ddim_sigma(alpha_bar_u, alpha_bar_s, eta_for_noise))
             x_next = x_next + (stochastic_scale * sigma) * standard_normal_like(x_next, generator)
@@ -206,10 +207,11 @@ def _bdia_descend(
     """
     alpha_bars = [schedule.alpha_bar(t) for t in grid]
     num_steps = len(grid) - 1
+    clip = schedule.clip_sample_range
     for offset, i in enumerate(range(num_steps - 1, 0, -1)):
         eps = eps_fn(z_current, _model_timestep(grid[i]))
-        jump_up = ddim_jump(z_current, eps, alpha_bars[i], alpha_bars[i + 1])
-        jump_down = ddim_jump(z_current, eps, alpha_bars[i], alpha_bars[i - 1])
+        jump_up = ddim_jump(z_current, eps, alpha_bars[i], alpha_bars[i + 1], clip)
+        jump_down = ddim_jump(z_current, eps, alpha_bars[i], alpha_bars[i - 1], clip)
         z_lower = gamma * z_upper - gamma * jump_up + jump_down  # [B, ...]; γ = 0 gives jump_down exactly
         if callback is not None:
             callback(first_step_index + offset, grid[i], z_current, z_lower)
@@ -234,8 +236,9 @@ def bdia_sample(
     """
     grid = ascending_levels(schedule, num_steps, levels)
     top = len(grid) - 1
+    clip = schedule.clip_sample_range
     eps = eps_fn(x_T, _model_timestep(grid[top]))
-    z_below = ddim_jump(x_T, eps, schedule.alpha_bar(grid[top]), schedule.alpha_bar(grid[top - 1]))
+    z_below = ddim_jump(x_T, eps, schedule.alpha_bar(grid[top]), schedule.alpha_bar(grid[top - 1]), clip)
     if callback is not None:
         callback(0, grid[top], x_T, z_below)
     return _bdia_descend(eps_fn, x_T, z_below, grid, schedule, gamma, callback, first_step_index=1)
@@ -263,14 +266,15 @@ def bdia_invert(
         raise PrefalignError(f"BDIA inversion divides by gamma; use gamma > 0 (got {gamma}), ideally near 1")
     grid = ascending_levels(schedule, num_steps, levels)
     alpha_bars = [schedule.alpha_bar(t) for t in grid]
+    clip = schedule.clip_sample_range
     eps = eps_fn(x0, _model_timestep(grid[0]))
-    z_previous, z_current = x0, ddim_jump(x0, eps, alpha_bars[0], alpha_bars[1])
+    z_previous, z_current = x0, ddim_jump(x0, eps, alpha_bars[0], alpha_bars[1], clip)
     if callback is not None:
         callback(0, grid[0], x0, z_current)
     for i in range(1, len(grid) - 1):
         eps = eps_fn(z_current, _model_timestep(grid[i]))
-        jump_down = ddim_jump(z_current, eps, alpha_bars[i], alpha_bars[i - 1])
-        jump_up = ddim_jump(z_current, eps, alpha_bars[i], alpha_bars[i + 1])
+        jump_down = ddim_jump(z_current, eps, alpha_bars[i], alpha_bars[i - 1], clip)
+        jump_up = ddim_jump(z_current, eps, alpha_bars[i], alpha_bars[i + 1], clip)
         z_next = (z_previous - jump_down) / gamma + jump_up  # [B, ...]
         if callback is not None:
             callback(i, grid[i], z_current, z_next)

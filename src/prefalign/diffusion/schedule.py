@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ _DDIM_DEFAULTS: dict[str, Any] = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
     "rescale_betas_zero_snr": False,
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
 }
 
 
@@ -114,8 +116,10 @@ class NoiseSchedule:
     """ᾱ_t of a VP diffusion (x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε) plus the DDIM timestep-grid settings.
 
     Build it with :meth:`from_config` / :meth:`from_scheduler`; ``alphas_cumprod`` is float64 [T].
-    Clipping and thresholding of x̂_0 (``clip_sample``, ``thresholding``) are not part of this layer:
-    every sampler here behaves like diffusers with ``clip_sample=False, thresholding=False``.
+    ``clip_sample_range`` (from diffusers' ``clip_sample``/``clip_sample_range``; None = no clipping)
+    clamps x̂_0 to [−r, r] inside every DDIM/BDIA jump, as ``DDIMScheduler.step`` does (ε stays the
+    model's). Pixel-space models need it: with a cosine schedule ᾱ_999 ≈ 2e-9, so x̂_0 at the top
+    level amplifies ε errors ~2e4×. Dynamic thresholding (``thresholding``) is not supported.
     """
 
     alphas_cumprod: Tensor  # float64 [T]
@@ -124,6 +128,7 @@ class NoiseSchedule:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
+    clip_sample_range: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.alphas_cumprod = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).reshape(-1)
@@ -152,7 +157,7 @@ class NoiseSchedule:
 
         Keys read (diffusers' DDIMScheduler defaults otherwise): beta_schedule, beta_start, beta_end,
         num_train_timesteps, trained_betas, rescale_betas_zero_snr, set_alpha_to_one, steps_offset,
-        timestep_spacing, prediction_type. Other keys (``_class_name``, ``clip_sample`` …) are ignored.
+        timestep_spacing, prediction_type, clip_sample, clip_sample_range. Other keys are ignored.
         """
         if not isinstance(config, Mapping):
             raise PrefalignError(
@@ -170,6 +175,7 @@ class NoiseSchedule:
             prediction_type=str(cfg["prediction_type"]),
             timestep_spacing=str(cfg["timestep_spacing"]),
             steps_offset=int(cfg["steps_offset"]),
+            clip_sample_range=float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None,
         )
 
     @classmethod

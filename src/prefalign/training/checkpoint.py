@@ -117,3 +117,28 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         raise PrefalignError(f"{path} is not a checkpoint (no state.json); pass a RUN/checkpoints/step-* folder")
     tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
     return tensors, json.loads(state_file.read_text())
+
+
+def atomic_tree_write(final_dir: Path, write: Any) -> Path:
+    """Like :func:`atomic_directory_write`, for folders with sub-folders (a model export): call
+    ``write(tmp_dir)``, fsync every file below it, then rename ``tmp_dir`` to ``final_dir``
+    (replacing it)."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.parent / f".tmp-{final_dir.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    if final_dir.exists():
+        old = final_dir.parent / f".old-{final_dir.name}-{os.getpid()}"
+        final_dir.rename(old)
+        tmp.rename(final_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final_dir)
+    return final_dir

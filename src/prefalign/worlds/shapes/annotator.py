@@ -109,7 +109,13 @@ def _median3(x: torch.Tensor) -> torch.Tensor:
     edges."""
     b, c, h, w = x.shape
     patches = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3)  # [B, C*9, H*W]
-    return patches.view(b, c, 9, h * w).median(dim=2).values.view(b, c, h, w)
+    patches = patches.view(b, c, 9, h * w).transpose(2, 3).contiguous()  # median over the last dim is fast
+    return patches.median(dim=-1).values.view(b, c, h, w)
+
+
+def _channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over dim 1 ([B, C, …] → [B, …]); much faster on CPU than ``norm(dim=1)``."""
+    return x.pow(2).sum(1).sqrt()
 
 
 def measure(images: torch.Tensor) -> Measurements:
@@ -122,11 +128,11 @@ def measure(images: torch.Tensor) -> Measurements:
     border = torch.cat([smooth[:, :, 0, :], smooth[:, :, -1, :], smooth[:, :, 1:-1, 0], smooth[:, :, 1:-1, -1]], dim=2)
     background = border.median(dim=2).values  # [B, 3]
 
-    distance = (smooth - background[:, :, None, None]).norm(dim=1)  # [B, S, S]
+    distance = _channel_norm(smooth - background[:, :, None, None])  # [B, S, S]
     mask = ((distance - 0.06) / 0.14).clamp(0, 1)  # [B, S, S]
     # The shape is compared on the unfiltered mask (the median filter rounds thin corners), kept
     # only where the filtered mask says "object nearby" so isolated dots do not count.
-    raw_distance = (x - background[:, :, None, None]).norm(dim=1)
+    raw_distance = _channel_norm(x - background[:, :, None, None])
     near = F.max_pool2d(mask[:, None], 3, 1, 1)[:, 0]
     shape_mask = ((raw_distance - 0.06) / 0.14).clamp(0, 1) * near
     mass = mask.sum((1, 2))
@@ -139,8 +145,8 @@ def measure(images: torch.Tensor) -> Measurements:
     foreground_colour = (smooth * interior[:, None]).sum((2, 3)) / interior.sum((1, 2)).clamp(min=1e-3)[:, None]
 
     # Edge sharpness: mean of the strongest gradients, per unit of fg/bg contrast.
-    gx = (x[:, :, :, 1:] - x[:, :, :, :-1]).norm(dim=1)  # [B, S, S-1]
-    gy = (x[:, :, 1:, :] - x[:, :, :-1, :]).norm(dim=1)  # [B, S-1, S]
+    gx = _channel_norm(x[:, :, :, 1:] - x[:, :, :, :-1])  # [B, S, S-1]
+    gy = _channel_norm(x[:, :, 1:, :] - x[:, :, :-1, :])  # [B, S-1, S]
     gradients = torch.cat([gx.flatten(1), gy.flatten(1)], 1)
     top = gradients.topk(8, dim=1).values.mean(1)
     contrast = (foreground_colour - background).norm(dim=1)
@@ -265,6 +271,10 @@ def _prompted_is_nearest(distances: torch.Tensor, prompted: int, options: torch.
     return nearest == prompted or float((options[nearest] - options[prompted]).norm()) < _INDISTINGUISHABLE
 
 
+# Reference measurements depend only on (prompt, image size), not on the persona: one cache for all.
+_REFERENCE_CACHE: dict[tuple[str, int], Reference] = {}
+
+
 class Annotator:
     """A simulated human rater (see module docstring).
 
@@ -295,7 +305,7 @@ class Annotator:
         self.temperature = temperature
         self.tie_rate = tie_rate
         self.rater_noise = rater_noise
-        self._references: dict[tuple[str, int], Reference] = {}
+        self._references = _REFERENCE_CACHE
 
     # ---- references ---------------------------------------------------------------------------
     def _references_for(self, prompts: Sequence[str], size: int) -> tuple[list[Scene], list[Reference]]:
@@ -316,7 +326,7 @@ class Annotator:
             renders = [_reference_renders(scene) for scene in group]
             all_scenes = [s for scs, _ in renders for s in scs]
             all_rotations = [r for _, rots in renders for r in rots]
-            m = measure(render(all_scenes, seed=0, size=size, jitter=False, rotations=all_rotations).images)
+            m = measure(render(all_scenes, seed=0, size=size, jitter=False, rotations=all_rotations, supersample=2).images)
             per = len(renders[0][0])
             for i, scene in enumerate(group):
                 self._references[(scene.prompt, size)] = _reference_from(m[i * per : (i + 1) * per])

@@ -259,12 +259,14 @@ def render(
     jitter: bool = True,
     generator: torch.Generator | None = None,
     rotations: Sequence[float] | None = None,
+    supersample: int = SUPERSAMPLE,
 ) -> RenderResult:
     """Render ``scenes`` (optionally each with one defect) as [B, 3, size, size] images in [0, 1].
 
     Styles come from each scene's ``style``. ``defects[i]`` is None for a clean render or one of
     :data:`DEFECTS`. Deterministic in ``seed`` (or in the state of ``generator`` if given).
-    ``rotations`` (radians, one per scene) overrides the drawn rotation (the annotator's references).
+    ``rotations`` (radians, one per scene) overrides the drawn rotation, and ``supersample`` sets the
+    anti-aliasing factor (the annotator renders its references with both).
     """
     if size < 8:
         raise PrefalignError(f"image size {size} is too small; use at least 8 pixels")
@@ -283,7 +285,7 @@ def render(
     for row, defect in enumerate(defects):
         if defect in GEOMETRIC_DEFECTS:
             _apply_geometric_defect(geometry, row, defect, generator)
-    alpha = coverage(geometry, size)
+    alpha = coverage(geometry, size, supersample)
 
     colour = torch.tensor([COLOURS[s.colour] for s in scenes])[:, :, None, None]
     background = torch.tensor([BACKGROUNDS[s.background] for s in scenes])[:, :, None, None]

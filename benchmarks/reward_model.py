@@ -1,0 +1,178 @@
+"""The bars of issue 4: the world's CLIP and PrefPaint's reward model with its confidence bound.
+
+1. CLIP: zero-shot colour / shape / style accuracy of the shipped ``shapes-clip`` on clean renders
+   (bar ≥ 90 % each), held-in prompts and held-out colour–shape combinations.
+2. Data: ``prefs make`` on the shipped text-to-image model — ``--prompts`` held-in prompts ×
+   ``--per-prompt`` samples, all pairs per prompt (700 × 6 = 4.2k pairs), labelled by the annotator (Bradley–
+   Terry draws with ties); 20 % of the prompts form the test split. An evaluation-only set mixes new
+   held-in prompts, held-out colour–shape combinations and styled prompts (off-distribution: the
+   reward model's training data has neither).
+3. Reward models (one per ``--fix-rates`` value) trained pairwise on the train split; on the test
+   split: accuracy vs the ceiling (the noiseless annotator's accuracy on the same noisy labels; bar:
+   ≥ 95 % of it) and Spearman with the noiseless annotator; on test + evaluation set: Spearman of
+   |reward error| with ‖z‖_{V⁻¹} (bar: > 0) and PrefPaint's Fig. 2.
+
+    python benchmarks/reward_model.py [--prompts 700] [--per-prompt 4] [--steps 20] [--fix-rates 1.0 0.7]
+
+Prints a table and writes benchmarks/results/reward_model.json (+ reward_model_fig2.png). Data and
+models go to --work (default runs/bench-reward) and are reused when present (--fresh rebuilds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import RESULTS, table, write_json  # noqa: E402
+
+from prefalign.data import load_preference_data  # noqa: E402
+from prefalign.data.stats import spearman_correlation  # noqa: E402
+from prefalign.rewards.base import AnnotatorScorer  # noqa: E402
+from prefalign.rewards.clip import load_clip, zero_shot_report  # noqa: E402
+from prefalign.rewards.labelling import MakePrefsConfig, make_preferences  # noqa: E402
+from prefalign.rewards.prefpaint import RewardModel, RewardModelConfig  # noqa: E402
+from prefalign.rewards.training import (  # noqa: E402
+    RewardTrainConfig,
+    bound_analysis,
+    evaluate_reward_model,
+    in_distribution_flags,
+    plot_error_vs_bound,
+    score_dataset,
+    train_reward_model,
+)
+from prefalign.worlds.shapes.prompts import sample_prompts  # noqa: E402
+
+
+def clip_rows(count: int) -> list[dict]:
+    clip = load_clip("shapes-clip")
+    rows = []
+    for split, seed in (("train", 777), ("held_out", 778)):
+        report = zero_shot_report(clip, count, seed=seed, split=split)
+        rows.append({"clip prompts": "held-in" if split == "train" else "held-out combinations", **{k.removesuffix("_accuracy"): v for k, v in report.items()}})
+    return rows
+
+
+def evaluation_prompts(count: int, seed: int) -> list[str]:
+    """A third each: new held-in prompts, held-out combinations, styled held-in prompts."""
+    third = count // 3
+    return (
+        sample_prompts(third, seed=seed, split="train")
+        + sample_prompts(third, seed=seed + 1, split="held_out")
+        + sample_prompts(count - 2 * third, seed=seed + 2, split="train", style_probability=1.0)
+    )
+
+
+def make_data(work: Path, args) -> tuple[Path, Path, dict]:
+    timings = {}
+    data, evaluation = work / "pairs", work / "evaluation"
+    if not (data / "card.json").is_file():
+        started = time.time()
+        config = MakePrefsConfig(model=args.model, prompts=args.prompts, per_prompt=args.per_prompt, steps=args.steps, seed=args.seed, test_fraction=0.2, batch_size=128)
+        make_preferences(config, data, overwrite=True)
+        timings["make_pairs_s"] = time.time() - started
+    if not (evaluation / "card.json").is_file():
+        started = time.time()
+        config = MakePrefsConfig(model=args.model, per_prompt=2, steps=args.steps, seed=args.seed + 1000, test_fraction=1.0, batch_size=128)
+        make_preferences(config, evaluation, prompts=evaluation_prompts(args.evaluation_prompts, args.seed + 1000), overwrite=True)
+        timings["make_evaluation_s"] = time.time() - started
+    return data, evaluation, timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=700)
+    parser.add_argument("--per-prompt", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--evaluation-prompts", type=int, default=450)
+    parser.add_argument("--model", default="shapes-t2i", help="text-to-image model that samples the data")
+    parser.add_argument("--data-only", action="store_true", help="only make the datasets")
+    parser.add_argument("--fix-rates", type=float, nargs="+", default=[1.0, 0.7])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--clip-renders", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-reward"))
+    parser.add_argument("--fresh", action="store_true", help="rebuild data and models")
+    args = parser.parse_args()
+    if args.fresh and args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    if args.data_only:
+        print(make_data(args.work, args)[2])
+        return
+    clip = clip_rows(args.clip_renders)
+    clip_bar = {f"clip_{k}_held_in>=0.90": clip[0][k] >= 0.90 for k in ("colour", "shape", "style")}
+    print(table(clip))
+
+    data, evaluation, timings = make_data(args.work, args)
+    annotator = AnnotatorScorer("balanced")
+    rows, details = [], {}
+    for fix_rate in args.fix_rates:
+        name = f"rm-fix{fix_rate:g}"
+        out = args.work / name
+        config = RewardTrainConfig(epochs=args.epochs, seed=args.seed, model=RewardModelConfig(fix_rate=fix_rate), tensorboard=False)
+        if not (out / "reward_model.json").is_file():
+            t = time.time()
+            train_reward_model(data, out, config)
+            timings[f"train_{name}_s"] = time.time() - t
+        model = RewardModel.from_pretrained(out)
+        test = evaluate_reward_model(model, data, "test", plot=args.work / f"{name}-test.png")
+        off = evaluate_reward_model(model, evaluation, "test", plot=args.work / f"{name}-evaluation.png")
+        # Fig. 2 over held-out test pairs + the evaluation set (in- and off-distribution together)
+        scored = [score_dataset(model, annotator, load_preference_data(path, "test"), 256, True) for path in (data, evaluation)]
+        parts = [side for s in scored for side in (s["side_0"], s["side_1"])]
+        prompts = [p for s in scored for p in s["prompts"] * 2]
+        rewards, truth, bounds = (torch.cat([p[k] for p in parts]) for k in ("reward", "truth", "bound"))
+        union = bound_analysis(rewards, truth, bounds, seed=args.seed)
+        errors = union.pop("errors")
+        flags = in_distribution_flags(prompts)
+        plot = plot_error_vs_bound(bounds.numpy(), errors, flags, union["upper_line"], RESULTS / f"reward_model_fig2_fix{fix_rate:g}.png", title=f"PrefPaint Fig. 2 on the shapes world (fix_rate {fix_rate:g})")
+        by_group = {}
+        for flag in sorted(set(flags)):
+            mask = np.asarray(flags) == flag
+            by_group[flag] = {
+                "samples": int(mask.sum()),
+                "mean_bound": float(bounds[torch.as_tensor(mask)].mean()),
+                "mean_abs_error": float(errors[mask].mean()),
+                "reward_annotator_spearman": spearman_correlation(rewards[torch.as_tensor(mask)], truth[torch.as_tensor(mask)]),
+            }
+        rows.append(
+            {
+                "fix_rate": fix_rate,
+                "test_pairs": test["pairs_compared"],
+                "accuracy": test["accuracy"],
+                "ceiling": test["ceiling_accuracy"],
+                "acc/ceiling": test["accuracy_over_ceiling"],
+                "spearman": test["spearman_with_annotator"],
+                "off_dist_accuracy": off["accuracy"],
+                "off_dist_ceiling": off["ceiling_accuracy"],
+                "err~bound_rho": union["error_bound_spearman"],
+                "under_line": union["share_under_line"],
+            }
+        )
+        details[name] = {"test": test, "evaluation_set": off, "union_bound": {**union, "by_group": by_group, "plot": str(plot)}}
+    print(table(rows))
+    best = max(rows, key=lambda r: r["acc/ceiling"])
+    bar = {
+        **clip_bar,
+        "reward_accuracy>=0.95*ceiling": bool(rows[0]["acc/ceiling"] >= 0.95),
+        "error_grows_with_bound (spearman>0)": bool(rows[0]["err~bound_rho"] > 0),
+        "best_fix_rate": best["fix_rate"],
+    }
+    print("bar (default fix_rate first row):", bar)
+    cards = {path.name: __import__("json").loads((path / "card.json").read_text()) for path in (data, evaluation)}
+    timings["total_s"] = time.time() - started
+    path = write_json("reward_model", {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "clip": clip, "rows": rows, "bar": bar, "details": details, "datasets": cards, "timings": timings})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reward models and scorers: one interface ``score(images, prompts, **cond) -> Tensor`` (see ``base``)."""
