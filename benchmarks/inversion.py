@@ -18,12 +18,10 @@ rest), and the paired win rate of each BDIA setting against DDIM on the same pro
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from _common import RESULTS, machine  # noqa: E402
 
 from prefalign.backbones.loading import load_backbone  # noqa: E402
 from prefalign.editing import backbone_in_dtype, invert_image, regenerate, relative_error  # noqa: E402
@@ -50,7 +49,7 @@ ROUNDTRIP_STEPS = (10, 20, 50)
 DTYPES = ("float32", "float64")
 SAMPLERS = [("DDIM", "ddim", 0.0), ("BDIA γ=0.5", "bdia", 0.5), ("BDIA γ=1.0", "bdia", 1.0)]
 SAMPLE_STEPS = (10, 20)
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "inversion.json"
+DEFAULT_OUT = RESULTS / "inversion.json"
 
 
 def roundtrip_part(backbone, batch: int, seed: int) -> list[dict]:
@@ -169,13 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT}; quick: *_quick.json)")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT}; quick: inversion-quick.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch or (2 if args.quick else 8)
     count = args.prompts or (16 if args.quick else 512)
-    out = args.out or (DEFAULT_OUT.with_name("inversion_quick.json") if args.quick else DEFAULT_OUT)
+    out = args.out or (DEFAULT_OUT.with_name("inversion-quick.json") if args.quick else DEFAULT_OUT)
 
     backbone = load_backbone(args.model, device=args.device)
     started = time.perf_counter()
@@ -192,14 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompts": count,
         "seed": args.seed,
         "few_step_gamma_note": "BDIA γ=0.5 is the paper's few-step setting (METHODS §5: 0.5 at 10 steps, 1.0 at 40); γ=1.0 for reference",
-        "environment": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "platform": platform.platform(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        },
+        "machine": {**machine(), "device": args.device, "platform": platform.platform()},
         "roundtrip": roundtrip,
         "sampling": sampling,
         "total_s": time.perf_counter() - started,

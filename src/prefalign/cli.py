@@ -32,13 +32,15 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from prefalign.commands import align, demo, pretrain, sample, world
+    from prefalign.commands import align, demo, invert, pretrain, sample, world
 
     app.add_typer(world.app, name="world")
     app.add_typer(pretrain.app, name="pretrain")
     app.command("sample")(sample.sample)
     app.command("demo")(demo.demo)
     app.command("align")(align.align)
+    app.command("invert")(invert.invert)
+    app.command("edit")(invert.edit)
 
 
 _register()

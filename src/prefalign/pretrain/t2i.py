@@ -182,15 +182,6 @@ with 1000 steps, sampled with DDIM on the `trailing` grid.
 - Final training loss (ε-MSE): {summary["final_loss"]:.4f}. Wall time: {hours:.2f} h on 2 CPU cores
   (shared with other work), torch {torch.__version__}.
 
-## What was tried, and why these settings
-
-- Resolution 32 (preferred by the spec) with block widths 32/64/64: 1.1 s/step at batch 64 on
-  2 cores when the machine is otherwise idle; 24×24 costs 0.6 s/step and 32/64/128 widths 1.4 s/step.
-- Cross-attention only at 16² and 8²: attention at 32² is about 5× slower on CPU.
-- A first run planned for 3000 steps was stopped at step ~100 and restarted with 2400 steps so the
-  pretraining fits the session's time on a shared 2-core machine; learning rate, EMA and the data mix
-  were not swept (no time for short trial runs beyond a speed check), so they are untested levers.
-
 ## Metrics
 
 {METRICS_START}
