@@ -11,9 +11,23 @@ import torch
 
 from prefalign.errors import PrefalignError
 from prefalign.pretrain.clip import PretrainClipConfig, clip_training_batch, contrastive_loss, pretrain_clip
-from prefalign.rewards.clip import ClipConfig, ShapesClip, candidate_prompts, load_clip
+from prefalign.rewards.clip import ClipConfig, ShapesClip, candidate_prompts, load_clip, zero_shot_accuracy
 from prefalign.training.checkpoint import list_checkpoints
-from prefalign.worlds.shapes.prompts import Scene
+from prefalign.worlds.shapes.prompts import STYLES, Scene, sample_scenes
+from prefalign.worlds.shapes.render import render
+
+
+def test_shipped_clip_zero_shot_accuracy_is_at_least_90_percent():
+    clip = load_clip("shapes-clip")
+    scenes = sample_scenes(100, seed=2024, split="train")
+    images = render(scenes, seed=2024).images
+    assert zero_shot_accuracy(clip, images, scenes, "colour") >= 0.9
+    assert zero_shot_accuracy(clip, images, scenes, "shape") >= 0.9
+    styles = [None, *STYLES]
+    styled = [scene.with_style(styles[i % 4]) for i, scene in enumerate(scenes)]
+    assert zero_shot_accuracy(clip, render(styled, seed=2025).images, styled, "style") >= 0.9
+    # the card reports the bars it was shipped with
+    assert clip.metadata["metrics"]["bars"] == {"colour_accuracy>=0.90": True, "shape_accuracy>=0.90": True, "style_accuracy>=0.90": True}
 
 
 def test_contrastive_loss_matches_hand_computation():

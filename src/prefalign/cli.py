@@ -32,10 +32,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from prefalign.commands import align, demo, invert, pretrain, sample, world
+    from prefalign.commands import align, demo, invert, prefs, pretrain, pretrain_clip, reward, sample, world
 
     app.add_typer(world.app, name="world")
+    pretrain.app.command("clip")(pretrain_clip.clip)
     app.add_typer(pretrain.app, name="pretrain")
+    app.add_typer(prefs.app, name="prefs")
+    app.add_typer(reward.app, name="reward")
     app.command("sample")(sample.sample)
     app.command("demo")(demo.demo)
     app.command("align")(align.align)

@@ -4,8 +4,20 @@ Data: every step renders a fresh batch from the world's *training* split (held-o
 combinations never appear): ``defect_probability`` of the renders carry one uniformly chosen quality
 defect (so the model, like a web-trained one, samples both clean and defective images),
 ``style_probability`` carry a style suffix, and ``empty_prompt_probability`` of the prompts are
-replaced by "" so the model supports classifier-free guidance. Loss: ε-MSE at t ~ U{0..T-1}
-(the DDPM objective). AdamW, linear warm-up then cosine decay, gradient clipping, EMA of the weights
+replaced by "" so the model supports classifier-free guidance. Loss: MSE of the network output
+against its target at t ~ U{0..T-1} — v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0 by default, or ε (the DDPM
+objective) with ``prediction_type="epsilon"``.
+
+Why v by default: the cosine schedule reaches ᾱ_T ≈ 2e-9 (zero terminal SNR), where an ε-model's
+x̂_0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ is undetermined, so the first DDIM steps — which fix the image's
+low-frequency content (background colour, where the shape sits) — rest on amplified noise. An
+ε-model trained 4400 steps reached only chance background accuracy (0.28) and 0.47 position
+accuracy; a v-model predicts x̂_0 ≈ −v directly at T (Lin et al. 2024, "Common diffusion noise
+schedules and sample steps are flawed"; Salimans & Ho 2022).
+
+``init_from`` starts from an existing model's weights (e.g. fine-tune an ε-model into a v-model:
+the network changes behaviour only where ᾱ_t is small, so this converges much faster than from
+scratch). AdamW, linear warm-up then cosine decay, gradient clipping, EMA of the weights
 (the EMA is what gets shipped).
 
 Resumable: checkpoints (atomic) every ``checkpoint_every`` steps; ``resume=True`` continues from the
@@ -19,10 +31,12 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 
+from prefalign.diffusion.schedule import v_target
 from prefalign.backbones.shapes import DEFAULT_SCHEDULER_CONFIG, ShapesBackbone, new_shapes_unet, shapes_unet_config
 from prefalign.training.checkpoint import latest_checkpoint, load_checkpoint, optimizer_state_from_tensors, optimizer_state_to_tensors, save_checkpoint
 from prefalign.worlds.shapes.prompts import sample_scenes
@@ -49,6 +63,8 @@ class PretrainT2IConfig(BaseModel):
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    prediction_type: Literal["v_prediction", "epsilon"] = Field("v_prediction", description="what the UNet predicts")
+    init_from: str | None = Field(None, description="start from this model's UNet weights (a folder or shipped name)")
 
 
 def lr_at(step: int, config: PretrainT2IConfig) -> float:
@@ -89,7 +105,10 @@ def pretrain_t2i(config: PretrainT2IConfig, run_dir: Path, resume: bool = True, 
     torch.manual_seed(config.seed)
     unet_config = shapes_unet_config(config.image_size, block_out_channels=config.block_out_channels)
     unet = new_shapes_unet(unet_config).train()
-    backbone = ShapesBackbone(unet, DEFAULT_SCHEDULER_CONFIG, config.image_size, model_config={"pretrain": config.model_dump()})
+    if config.init_from:
+        unet.load_state_dict(_init_weights(config.init_from, unet_config))
+    scheduler_config = {**DEFAULT_SCHEDULER_CONFIG, "prediction_type": config.prediction_type}
+    backbone = ShapesBackbone(unet, scheduler_config, config.image_size, model_config={"pretrain": config.model_dump()})
     schedule = backbone.schedule
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
@@ -116,7 +135,8 @@ def pretrain_t2i(config: PretrainT2IConfig, run_dir: Path, resume: bool = True, 
         t = torch.randint(0, schedule.num_train_timesteps, (config.batch_size,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
         x_t = schedule.add_noise(x0, eps, t).float()
-        loss = torch.nn.functional.mse_loss(backbone.model_output(x_t, t, cond), eps)
+        target = v_target(x0, eps, schedule.alpha_bar(t)).float() if config.prediction_type == "v_prediction" else eps
+        loss = torch.nn.functional.mse_loss(backbone.model_output(x_t, t, cond), target)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}; lower the learning rate and resume")
         for group in optimizer.param_groups:
@@ -153,6 +173,24 @@ def pretrain_t2i(config: PretrainT2IConfig, run_dir: Path, resume: bool = True, 
     return backbone
 
 
+def _init_weights(source: str, unet_config: dict) -> dict:
+    """UNet weights of the model ``source`` (folder or shipped name); its architecture must match."""
+    from prefalign.backbones.shapes import load_shapes_backbone
+    from prefalign.errors import PrefalignError
+
+    unet = load_shapes_backbone(source).unet
+    mismatched = [k for k in ("block_out_channels", "sample_size", "in_channels") if _as_list(unet.config[k]) != _as_list(unet_config[k])]
+    if mismatched:
+        raise PrefalignError(f"init_from={source!r} has a different architecture ({', '.join(mismatched)}); match image_size/block_out_channels")
+    return unet.state_dict()
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+_PREDICTION_NAMES = {"v_prediction": "v-prediction", "epsilon": "ε-prediction"}
+
 METRICS_START, METRICS_END = "<!-- metrics:start -->", "<!-- metrics:end -->"
 
 
@@ -160,16 +198,20 @@ def model_card(config: PretrainT2IConfig, summary: dict) -> str:
     """The model card written next to the weights; the metrics section is filled in by
     ``benchmarks/base_model.py --update-card``."""
     hours = summary["wall_time_s"] / 3600
+    defaults = PretrainT2IConfig()
+    changed = {k: v for k, v in config.model_dump().items() if v != getattr(defaults, k) and k != "threads"}
+    overrides = "".join(f" --set {k}={v}" for k, v in changed.items())
+    init_line = f"- Initialised from `{config.init_from}` (its weights; the optimiser and EMA start fresh).\n" if config.init_from else ""
     return f"""# shapes-t2i — the shapes world's text-to-image model
 
 A pixel-space diffusers `UNet2DConditionModel` ({config.image_size}×{config.image_size} RGB, block widths
 {list(config.block_out_channels)}, cross-attention at 1/2 and 1/4 resolution only) conditioned on
-all-MiniLM-L6-v2 token states (24 tokens × 384). ε-prediction, cosine (`squaredcos_cap_v2`) schedule
+all-MiniLM-L6-v2 token states (24 tokens × 384). {_PREDICTION_NAMES[config.prediction_type]}, cosine (`squaredcos_cap_v2`) schedule
 with 1000 steps, sampled with DDIM on the `trailing` grid.
 
 ## How it was made
 
-    prefalign pretrain t2i --out runs/pretrain-t2i      # defaults = this model
+    prefalign pretrain t2i --out runs/pretrain-t2i{overrides}
 
 - Data: rendered on the fly from the world's training split (the 8 held-out colour–shape combinations
   never appear). {config.defect_probability:.0%} of renders carry one uniformly chosen quality defect,
@@ -179,7 +221,7 @@ with 1000 steps, sampled with DDIM on the `trailing` grid.
   AdamW (lr {config.learning_rate:g}, weight decay {config.weight_decay:g}), {config.warmup_steps} warm-up
   steps then cosine decay to {config.min_lr_ratio:g}× the peak, gradient clipping {config.grad_clip:g},
   EMA decay {config.ema_decay:g} (the EMA weights are shipped). Seed {config.seed}.
-- Final training loss (ε-MSE): {summary["final_loss"]:.4f}. Wall time: {hours:.2f} h on 2 CPU cores
+{init_line}- Final training loss ({_PREDICTION_NAMES[config.prediction_type]} MSE): {summary["final_loss"]:.4f}. Wall time: {hours:.2f} h on 2 CPU cores
   (shared with other work), torch {torch.__version__}.
 
 ## Metrics
