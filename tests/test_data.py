@@ -300,3 +300,116 @@ def test_image_codec_handles_jpeg_and_masks():
     assert torch.equal(decode_image(encode_image(mask), channels=1), mask)
     with Image.open(io.BytesIO(encode_image(mask))) as pil:
         assert pil.mode == "L"
+
+
+def test_prefs_make_style_prefers_the_styled_render_of_the_same_scene(tmp_path):
+    from prefalign.worlds.shapes.annotator import Annotator
+    from prefalign.worlds.shapes.prompts import parse_prompt
+
+    app = _cli()
+    out = tmp_path / "winter"
+    result = runner.invoke(app, ["prefs", "make-style", "--style", "winter", "--prompts", "10", "--image-size", "16", "--test-fraction", "0.2", "--seed", "3", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    card = json.loads(result.output[result.output.index("{") :])
+    assert card["style_check"]["kept"] == 10 and card["splits"]["train"]["annotator_agreement"] is None
+    train, test = load_pairwise(out), load_pairwise(out, split="test")
+    assert len(train) + len(test) == 10 and not set(train.captions) & set(test.captions)
+    batch = train.batch(range(len(train)))
+    labels = batch.label_0.tolist()
+    assert set(labels) == {0.0, 1.0}  # the winner's position is a coin, not always jpg_0
+    winners = torch.stack([a if label == 1.0 else b for a, b, label in zip(batch.images_0, batch.images_1, labels)])
+    losers = torch.stack([b if label == 1.0 else a for a, b, label in zip(batch.images_0, batch.images_1, labels)])
+    scenes = [parse_prompt(c) for c in batch.captions]
+    assert all(s.style is None for s in scenes)  # the caption is the plain prompt
+    annotator = Annotator()
+    assert annotator.classify_style(winners, batch.captions) == ["winter"] * len(train)
+    assert all(style != "winter" for style in annotator.classify_style(losers, batch.captions))
+    # the pair is two renders of one scene with one seed: the loser is the plain render, the winner the styled one
+    from prefalign.rewards.labelling import world_prompts
+
+    all_scenes = [parse_prompt(p) for p in world_prompts(10, 3, "train", 0.0)]
+    ids = list(train.dataset["ranking_id"])
+    plain = render(all_scenes, seed=3, size=16).images[ids]
+    styled = render([s.with_style("winter") for s in all_scenes], seed=3, size=16).images[ids]
+    assert (losers - plain).abs().max() <= 0.5 / 255 + 1e-6 and (winners - styled).abs().max() <= 0.5 / 255 + 1e-6
+    assert batch.captions == [all_scenes[i].prompt for i in ids]
+    # styled captions on request; an unknown style is a one-line error
+    result = runner.invoke(app, ["prefs", "make-style", "--style", "sketch", "--prompts", "2", "--image-size", "16", "--caption", "styled", "--test-fraction", "0", "--out", str(tmp_path / "sketch")])
+    assert result.exit_code == 0, result.output
+    assert all(c.endswith(", sketch style") for c in load_pairwise(tmp_path / "sketch").captions)
+    result = runner.invoke(app, ["prefs", "make-style", "--style", "sepia", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "sketch" in str(result.exception or result.output)
+
+
+def test_prefs_make_style_from_model_samples(tmp_path):
+    from prefalign.backbones.loading import load_backbone
+    from prefalign.data.style import style_check, styled_prompt
+    from prefalign.rewards.labelling import world_prompts
+    from prefalign.sampling import generate
+
+    model = _tiny_shapes_model(tmp_path / "t2i")
+    app = _cli()
+    base = ["prefs", "make-style", "--style", "starry", "--source", "model", "--model", str(model), "--prompts", "4", "--steps", "2", "--seed", "5", "--test-fraction", "0"]
+    result = runner.invoke(app, [*base, "--no-check-style", "--out", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    data = load_pairwise(tmp_path / "all")
+    assert len(data) == 4
+    prompts = world_prompts(4, 5, "train", 0.0)
+    backbone = load_backbone(str(model))
+    styled = generate(backbone, [styled_prompt(p, "starry") for p in prompts], seed=5, steps=2)
+    plain = generate(backbone, prompts, seed=5, steps=2)  # same initial noise as the styled sample
+    batch = data.batch(range(4))
+    ids = list(data.dataset["ranking_id"])
+    models = list(zip(data.dataset["model_0"], data.dataset["model_1"]))
+    for k, i in enumerate(ids):
+        winner, loser = (batch.images_0[k], batch.images_1[k]) if batch.label_0[k] == 1 else (batch.images_1[k], batch.images_0[k])
+        assert (winner - styled[i]).abs().max() <= 0.5 / 255 + 1e-6 and (loser - plain[i]).abs().max() <= 0.5 / 255 + 1e-6
+        assert models[k][0 if batch.label_0[k] == 1 else 1] == f"{model}+starry"
+    # with the style check, only pairs whose styled sample looks starry (and plain one does not) stay
+    passing = int(style_check(styled, plain, prompts, "starry").sum())
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "checked")])
+    if passing == 0:
+        assert result.exit_code != 0 and "no pair passed the style check" in str(result.exception)
+    else:
+        assert result.exit_code == 0 and len(load_pairwise(tmp_path / "checked")) == passing
+
+
+def test_pointwise_prefs_from_an_inpainting_pipeline_keep_the_masked_prompt_image(tmp_path):
+    """PrefPaint's shape from a diffusers inpainting folder: masks and masked images at the
+    pipeline's pixel resolution (not its latent size), one masked prompt image per group."""
+    from prefalign.rewards.labelling import MakePrefsConfig, make_preferences
+    from tiny_pipelines import make_tiny_sd_inpaint
+
+    model = make_tiny_sd_inpaint(tmp_path / "inpaint")
+    config = MakePrefsConfig(format="pointwise", prompts=3, per_prompt=2, steps=2, model=str(model), test_fraction=0)
+    card = make_preferences(config, tmp_path / "data", progress=False)
+    data = load_pointwise(tmp_path / "data")
+    assert data.inpainting and len(data) == 6 and not data.report.bad
+    batch = data.batch(range(6))
+    assert batch.images.shape == batch.masked_images.shape == (6, 3, 16, 16) and batch.masks.shape == (6, 1, 16, 16)
+    assert set(batch.mask_kinds) == {"outpaint", "warp"} and batch.masks.sum() > 0
+    assert torch.equal(batch.masked_images[0], batch.masked_images[1]) and batch.group_ids[0] == batch.group_ids[1]
+    assert (batch.masked_images * batch.masks).abs().max() == 0  # the repainted region is blank in the prompt image
+    assert card["splits"]["train"]["inpainting"] and card["splits"]["train"]["image_size"] == [16, 16]
+
+
+def test_prefs_make_labels_with_a_reward_model_folder(tmp_path):
+    """--scorer RM_FOLDER: labels are Bradley–Terry draws of σ((r_a − r_b)/T) under the reward model."""
+    from prefalign.rewards.base import load_scorer
+    from prefalign.rewards.clip import ClipConfig, ShapesClip
+    from prefalign.rewards.prefpaint import RewardModel, RewardModelConfig
+
+    torch.manual_seed(0)
+    clip = ShapesClip(ClipConfig(image_size=16, channels=(8, 8, 8, 8), head_channels=4, groups=4))
+    config = RewardModelConfig(d_model=32, num_heads=2, feedforward_dim=32, mlp_dims=(32,), feature_dim=16)
+    RewardModel(config, clip=clip).eval().save_pretrained(tmp_path / "rm")
+    model = _tiny_shapes_model(tmp_path / "t2i")
+    args = ["prefs", "make", "--prompts", "4", "--per-prompt", "3", "--model", str(model), "--steps", "2", "--test-fraction", "0"]
+    result = runner.invoke(_cli(), [*args, "--scorer", str(tmp_path / "rm"), "--temperature", "1e-6", "--out", str(tmp_path / "data")])
+    assert result.exit_code == 0, result.output
+    data = load_pairwise(tmp_path / "data")
+    batch = data.batch(range(len(data)))
+    scorer = load_scorer(str(tmp_path / "rm"))
+    margin = scorer.score_batched(batch.images_0, batch.captions) - scorer.score_batched(batch.images_1, batch.captions)
+    assert len(data) == 12 and torch.equal(batch.label_0, (margin > 0).float())
+    assert json.loads((tmp_path / "data" / "prefalign_dataset.json").read_text())["origin"]["scorer"] == str(tmp_path / "rm")

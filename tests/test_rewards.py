@@ -54,6 +54,15 @@ def mean_brightness(images, prompts):
     return images.mean((1, 2, 3))
 
 
+def masked_difference(images, prompts, masked_images=None):
+    """An inpainting module:function scorer (declares masked_images)."""
+    return (images - masked_images).mean((1, 2, 3))
+
+
+def wrong_shape(images, prompts):
+    return torch.zeros(len(prompts), 2)
+
+
 # ---- losses ----------------------------------------------------------------------------------
 
 
@@ -143,6 +152,16 @@ def test_reward_model_is_differentiable_and_round_trips(tmp_path):
     assert isinstance(loaded, RewardModel)
     assert torch.allclose(loaded.score(images.detach(), [PROMPT] * 3), rewards.detach(), atol=1e-6)
     assert torch.equal(loaded.ridge_inverse, model.ridge_inverse) and int(loaded.ridge_count) == 50
+    # a loaded reward model is a frozen scorer: gradients reach the images, never its parameters
+    assert loaded.has_confidence and not any(p.requires_grad for p in loaded.parameters())
+    images = images.detach().requires_grad_(True)
+    loaded(images, [PROMPT] * 3).sum().backward()
+    assert images.grad.abs().sum() > 0 and all(p.grad is None for p in loaded.parameters())
+    result = loaded.score_with_confidence(images.detach(), [PROMPT] * 3)
+    assert torch.allclose(result["bound"], bound_theory(result["features"], model.ridge_inverse).float())
+    # the trust factor with the theory's norm √(zᵀV⁻¹z) when configured so
+    loaded.config = loaded.config.model_copy(update={"trust_bound": "theory", "trust_k": 0.5})
+    assert torch.allclose(loaded.trust_gamma(result["features"]), trust_gamma(result["bound"].double(), trust_k=0.5).float())
 
 
 def test_inpainting_reward_model_takes_the_masked_prompt_image():
@@ -166,6 +185,17 @@ def test_load_scorer_resolves_every_spec_kind(tmp_path):
     custom = load_scorer("test_rewards:mean_brightness")
     assert isinstance(custom, CallableScorer)
     assert torch.allclose(custom(images, prompts), images.mean((1, 2, 3)))
+    assert custom(images, prompts, masked_images=torch.zeros_like(images)).shape == (2,)  # conditions it does not declare are not passed
+    # a callable that declares masked_images gets it; one returning the wrong shape is a clear error
+    inpaint = load_scorer("test_rewards:masked_difference")
+    assert torch.allclose(inpaint(images, prompts, masked_images=images * 0.5), 0.5 * images.mean((1, 2, 3)))
+    with pytest.raises(PrefalignError, match="one score per image"):
+        load_scorer("test_rewards:wrong_shape")(images, prompts)
+    # only reward models have the confidence bound
+    assert not annotator.has_confidence and annotator.features(images, prompts) is None
+    with pytest.raises(PrefalignError, match="no confidence bound"):
+        annotator.score_with_confidence(images, prompts)
+    assert torch.allclose(annotator.score_batched(images, prompts, batch_size=1), annotator(images, prompts))
     with pytest.raises(PrefalignError, match="unknown annotator persona"):
         load_scorer("annotator:grumpy")
     with pytest.raises(PrefalignError, match="cannot import module"):
@@ -255,6 +285,11 @@ def test_bound_analysis_and_the_upper_line():
     assert result["calibration"]["slope"] == pytest.approx(0.5, abs=0.05)
     assert result["error_bound_spearman"] > 0.5
     assert 0.9 < result["share_under_line"] < 0.99 and result["upper_line"]["slope"] > 0
+    # β_δ of error ≤ β_δ·b: error/b = 0.05·|N(0, 1)|, whose 0.95 quantile is 0.05·1.96
+    assert result["beta_delta"] == pytest.approx(0.05 * 1.96, rel=0.15) and 0.9 < result["share_under_beta_delta_bound"] < 0.99
+    # an upper bound never falls with the bound: data with a falling trend get a flat line
+    falling = quantile_line(np.linspace(0, 1, 500), 2 - np.linspace(0, 1, 500))
+    assert falling[1] == 0 and falling[0] == pytest.approx(np.quantile(2 - np.linspace(0, 1, 500), 0.95))
     a, c = quantile_line(np.linspace(0, 1, 1000), np.linspace(0, 1, 1000) * 2 + 1)
     assert (a, c) == (pytest.approx(1, abs=0.02), pytest.approx(2, abs=0.05))
 
@@ -280,3 +315,28 @@ def test_reward_commands(tmp_path):
     metrics = json.loads(result.output[result.output.index("{") :])
     assert {"accuracy", "ceiling_accuracy", "spearman_with_annotator", "bound"} <= set(metrics) and (tmp_path / "f.png").is_file()
     assert len(load_pairwise(tmp_path / "data", split="test")) == 12
+
+
+def test_prefs_make_then_reward_train_then_reward_eval(tmp_path):
+    """The user's path end to end: sample a model, label with the annotator, train, evaluate."""
+    from prefalign.commands import prefs, reward
+    from test_data import _tiny_shapes_model
+
+    app = typer.Typer()
+    app.add_typer(prefs.app, name="prefs")
+    app.add_typer(reward.app, name="reward")
+    runner = CliRunner()
+    model = _tiny_shapes_model(tmp_path / "t2i")
+    clip_dir = tiny_clip().save_pretrained(tmp_path / "clip")
+    steps = [
+        ["prefs", "make", "--prompts", "8", "--per-prompt", "3", "--model", str(model), "--steps", "2", "--test-fraction", "0.25", "--scorer", "annotator:literal", "--out", str(tmp_path / "data")],
+        ["reward", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "rm"), "--encoder", str(clip_dir), "--epochs", "2", "--no-evaluate",
+         "--set", "model.d_model=32", "--set", "model.num_heads=2", "--set", "model.feature_dim=16", "--set", "model.mlp_dims=[32]", "--set", "tensorboard=false"],
+        ["reward", "eval", str(tmp_path / "rm"), "--data", str(tmp_path / "data"), "--json", "--record"],
+    ]
+    for args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output[result.output.index("{") :])
+    assert metrics["split"] == "test" and metrics["labeller"] == "annotator:literal" and metrics["records"] == 2 * 3
+    assert (tmp_path / "rm" / "error_vs_bound-data.png").is_file() and "Evaluation" in (tmp_path / "rm" / "README.md").read_text()

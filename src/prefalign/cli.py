@@ -32,7 +32,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from prefalign.commands import align, demo, invert, prefs, pretrain, pretrain_clip, reward, sample, world
+    from prefalign.commands import align, demo, evaluate, invert, prefs, pretrain, pretrain_clip, report, reward, sample, world
 
     app.add_typer(world.app, name="world")
     pretrain.app.command("clip")(pretrain_clip.clip)
@@ -44,6 +44,8 @@ def _register() -> None:
     app.command("align")(align.align)
     app.command("invert")(invert.invert)
     app.command("edit")(invert.edit)
+    app.command("evaluate")(evaluate.evaluate)
+    app.command("report")(report.report)
 
 
 _register()

@@ -3,6 +3,11 @@
 Seeds: image ``i`` of a call starts from x_T drawn with ``torch.Generator().manual_seed(seed + i)``
 (on CPU), so the same (prompts, seed) give the same starting noise for every model of the same
 latent shape — base-vs-aligned comparisons use identical noise.
+
+One-step generators (``backbone.one_step`` set, e.g. a Diff-Instruct++ export; see
+:mod:`prefalign.backbones.one_step`) make each image from the same x_T = z in one network call:
+``steps`` must be 1 (anything else is an error saying so) and ``guidance_scale``, ``sampler``,
+``eta`` and ``gamma`` do not apply (the guidance is distilled into the generator).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefalign.backbones.base import Backbone, Conditioning
+from prefalign.backbones.one_step import check_one_step_steps, one_step_spec, sample_one_step
 from prefalign.diffusion import bdia_sample, ddim_sample
 from prefalign.errors import PrefalignError
 
@@ -69,6 +75,8 @@ def generate(
         raise PrefalignError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
     if not prompts:
         raise PrefalignError("no prompts to sample; give --prompt or --prompts-file")
+    one_step = one_step_spec(backbone)
+    check_one_step_steps(one_step, steps)
     out = []
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="sampling", disable=not progress):
@@ -78,6 +86,9 @@ def generate(
             cond = condition(cond, rows)
         x_T = initial_noise(backbone, rows.stop - rows.start, seed + start)
         generator = torch.Generator().manual_seed(seed + start + 1_000_000) if eta > 0 else None
-        latents = sample_latents(backbone, cond, x_T, steps, guidance_scale, sampler, eta, gamma, generator)
+        if one_step is not None:
+            latents = sample_one_step(backbone, cond, x_T, one_step)
+        else:
+            latents = sample_latents(backbone, cond, x_T, steps, guidance_scale, sampler, eta, gamma, generator)
         out.append(backbone.latents_to_images(latents).float().cpu())
     return torch.cat(out)

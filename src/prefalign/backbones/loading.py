@@ -6,6 +6,8 @@
   :class:`~prefalign.backbones.diffusers_sd.StableDiffusionBackbone` (SD 1.x/2.x, SDXL, inpainting).
 
 Nothing is ever downloaded: Hub ids are not resolved, pipelines load with ``local_files_only=True``.
+A folder with ``one_step.json`` (a one-step generator, :mod:`prefalign.backbones.one_step`) gets
+``backbone.one_step`` set.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from prefalign.backbones.base import Backbone
 from prefalign.backbones.diffusers_sd import SUPPORTED_PIPELINES, load_diffusers_backbone
+from prefalign.backbones.one_step import attach_one_step
 from prefalign.backbones.shapes import SHIPPED_MODELS, MODEL_CONFIG_FILE, is_shapes_model_folder, load_shapes_backbone
 from prefalign.errors import PrefalignError
 
@@ -49,9 +52,9 @@ def load_backbone(
             "+ save_pretrained)"
         )
     if is_shapes_model_folder(path):
-        return load_shapes_backbone(path, device=device, dtype=dtype)
+        return attach_one_step(load_shapes_backbone(path, device=device, dtype=dtype), path)
     if (path / "model_index.json").is_file():
-        return load_diffusers_backbone(path, device=device, dtype=dtype)
+        return attach_one_step(load_diffusers_backbone(path, device=device, dtype=dtype), path)
     raise PrefalignError(
         f"{path} is neither a shapes model folder (no {MODEL_CONFIG_FILE}) nor a diffusers pipeline folder "
         f"(no model_index.json); give a folder saved by `prefalign pretrain` or by a diffusers pipeline's "

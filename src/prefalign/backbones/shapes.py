@@ -109,6 +109,27 @@ class ShapesBackbone(Backbone):
     def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents + 1) / 2).clamp(0, 1)
 
+    # inpainting
+    def inpaint_conditioning(self, cond: Conditioning, images: torch.Tensor, masks: torch.Tensor) -> Conditioning:
+        """``cond.with_concat([mask, masked image])`` — the 4 extra input channels of a shapes
+        inpainting model (layout of SD-inpainting: UNet input = [x_t, mask, masked image]).
+
+        images: [B, 3, S, S] in [0, 1]; masks: [B, 1, S, S] (or [B, S, S]), 1 = repaint, binarised
+        at 0.5. The masked image is (2·image − 1)·(1 − mask): the hole is 0 in [-1, 1]."""
+        if not self.is_inpainting:
+            raise PrefalignError(f"inpaint_conditioning needs an inpainting model; this backbone is {self.kind!r} (use shapes-inpaint)")
+        if masks.ndim == 3:
+            masks = masks[:, None]
+        if images.ndim != 4 or tuple(masks.shape) != (images.shape[0], 1, *images.shape[-2:]):
+            raise PrefalignError(f"masks must be [B, 1, H, W] matching the images {tuple(images.shape)}, got {tuple(masks.shape)}")
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise PrefalignError(f"images are {tuple(images.shape[-2:])} but this model works at {self.image_size}×{self.image_size}; resize them")
+        if len(cond) != images.shape[0]:
+            raise PrefalignError(f"got {len(cond)} prompts for {images.shape[0]} images to inpaint; give one prompt per image")
+        masks = (masks.to(device=self.device, dtype=torch.float32) >= 0.5).float()  # [B, 1, S, S]
+        masked = self.images_to_latents(images.to(device=self.device, dtype=torch.float32)) * (1 - masks)  # [B, 3, S, S]
+        return cond.with_concat(torch.cat([masks, masked], dim=1))
+
     # persistence
     def save_pretrained(self, path: str | Path, card: str | None = None) -> Path:
         path = Path(path)

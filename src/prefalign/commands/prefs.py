@@ -56,6 +56,48 @@ def make(
         _echo_card(card, out)
 
 
+@app.command("make-style")
+def make_style(
+    style: str = typer.Option(..., help="the preferred style: winter, sketch or starry"),
+    out: Path = typer.Option(..., help="dataset folder to write"),
+    prompts: int = typer.Option(None, help="world prompts, one pair each (default 512)"),
+    source: str = typer.Option(None, help="render (two renders of the scene, default) or model (two samples of --model)"),
+    caption: str = typer.Option(None, help="caption of the pair: plain (default, as Diffusion-RPO) or styled"),
+    model: str = typer.Option(None, help=MODEL_HELP + " (source=model; default shapes-t2i)"),
+    image_size: int = typer.Option(None, help="render size (source=render; default 32)"),
+    steps: int = typer.Option(None, help="sampling steps (source=model; default 30)"),
+    cfg: float = typer.Option(None, "--cfg", help="classifier-free guidance scale (source=model; default 3)"),
+    check_style: bool = typer.Option(None, "--check-style/--no-check-style", help="keep only pairs whose winner the annotator classifies as the style (default on)"),
+    prompt_split: str = typer.Option(None, help="world prompts: train (held-in, default), held_out or all"),
+    test_fraction: float = typer.Option(None, help="share of prompts for the test split (default 0.1)"),
+    seed: int = typer.Option(None, help="seed (prompts, renders/noise, winner position; default 0)"),
+    device: str = typer.Option(None, help="torch device (default cpu)"),
+    config: Path = typer.Option(None, help="YAML file of StylePrefsConfig fields"),
+    set_: list[str] = typer.Option(None, "--set", help="override a field: key=value (repeatable)"),
+    overwrite: bool = typer.Option(False, help="replace an existing dataset in --out"),
+    json_output: bool = typer.Option(False, "--json", help="print the card as JSON"),
+) -> None:
+    """Style pairs for Diffusion-RPO's style alignment: the image in --style wins over the plain
+    image of the same prompt (Pick-a-Pic v2 schema; the caption is the plain prompt)."""
+    from prefalign.data.style import StylePrefsConfig, make_style_preferences
+
+    cfg_ = load_config(
+        StylePrefsConfig, config, set_, style=style, prompts=prompts, source=source, caption=caption, image_size=image_size,
+        steps=steps, guidance_scale=cfg, check_style=check_style, prompt_split=prompt_split, test_fraction=test_fraction,
+        seed=seed, device=device,
+    )
+    if model is not None:  # (load_config's own first parameter is called "model")
+        cfg_ = StylePrefsConfig.model_validate({**cfg_.model_dump(), "model": model})
+    card = make_style_preferences(cfg_, out, overwrite=overwrite)
+    if json_output:
+        echo_json(card)
+    else:
+        check = card["style_check"]
+        if check["enabled"]:
+            typer.echo(f"style check: {check['kept']} of {check['checked']} pairs kept")
+        _echo_card(card, out)
+
+
 def _echo_card(card: dict, out: Path) -> None:
     for split, info in card["splits"].items():
         parts = [f"{info['usable']} usable of {info['records']}"]
@@ -138,3 +180,8 @@ def import_(
         _echo_card(written, out)
     else:
         typer.echo(f"wrote {out}")
+
+
+from prefalign.commands.prefs_inpaint import make_inpaint  # noqa: E402  (PrefPaint's inpainting dataset)
+
+app.command("make-inpaint")(make_inpaint)

@@ -127,4 +127,7 @@ def eval_(
     typer.echo(f"accuracy {result['accuracy']:.3f} on {result['pairs_compared']} comparisons; ceiling {result['ceiling_accuracy']:.3f} ({result['accuracy_over_ceiling']:.1%} of it)")
     typer.echo(f"Spearman with the noiseless annotator: {result['spearman_with_annotator']:.3f}")
     bound = result["bound"]
-    typer.echo(f"error vs bound: Spearman {bound['error_bound_spearman']:.3f}; share under the fitted upper line {bound['share_under_line']:.3f}; plot {result['plot']}")
+    typer.echo(
+        f"error vs bound: Spearman {bound['error_bound_spearman']:.3f}; share under the fitted upper line {bound['share_under_line']:.3f}; "
+        f"β_δ {bound['beta_delta']:.3g} ({bound['share_under_beta_delta_bound']:.3f} under β_δ·‖z‖_V⁻¹); plot {result['plot']}"
+    )

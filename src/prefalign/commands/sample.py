@@ -1,4 +1,8 @@
-"""``prefalign sample``: images from prompts with any model and sampler."""
+"""``prefalign sample``: images from prompts with any model and sampler.
+
+A one-step generator (e.g. ``RUN/export`` of ``prefalign align diff-instruct-pp``; its folder has
+``one_step.json``) samples with ``--steps 1``: one network call per image, ``--cfg``/``--sampler``
+do not apply (the guidance is distilled into it); any other ``--steps`` is an error that says so."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ def sample(
     n: int = typer.Option(16, help="images per prompt"),
     seed: int = typer.Option(0, help="seed of the first image; image i uses seed + i"),
     steps: int = typer.Option(50, help="sampling steps (1 for a one-step generator)"),
-    cfg: float = typer.Option(3.0, help="classifier-free guidance scale (1 = no guidance)"),
+    cfg: float = typer.Option(3.0, help="classifier-free guidance scale (1 = no guidance; not used by one-step generators)"),
     sampler: str = typer.Option("ddim", help="ddim or bdia"),
     eta: float = typer.Option(0.0, help="DDIM η (0 = deterministic)"),
     gamma: float = typer.Option(1.0, help="BDIA γ (γ = 0 is DDIM)"),
@@ -47,6 +51,8 @@ def sample(
     grid.save(out / "grid.png")
     (out / "prompts.txt").write_text("\n".join(f"{i:04d}\t{p}" for i, p in enumerate(expanded)) + "\n")
     summary = {"images": len(images), "grid": str(out / "grid.png"), "out": str(out)}
+    if getattr(backbone, "one_step", None) is not None:
+        summary["one_step_generator"] = backbone.one_step.to_dict()
     if backbone.kind == "shapes":
         from prefalign.worlds.shapes.annotator import Annotator
         from prefalign.worlds.shapes.prompts import try_parse_prompt

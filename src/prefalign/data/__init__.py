@@ -9,6 +9,7 @@
 - :mod:`.validation` — bad records are counted and reported with their row ids, never dropped
   silently; a dataset with none usable is a clear error;
 - :mod:`.card` — the dataset card (counts, tie rate, agreement with the noiseless annotator).
+- :mod:`.style` — style pairs for Diffusion-RPO's style alignment (``prefs make-style``).
 """
 
 from __future__ import annotations

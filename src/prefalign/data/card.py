@@ -23,8 +23,8 @@ from prefalign.data.storage import available_splits, read_meta
 def _annotator_for(meta: dict[str, Any], persona: str | None):
     from prefalign.worlds.shapes.annotator import Annotator
 
-    if persona is None:
-        scorer = str(meta.get("scorer", "annotator"))
+    if persona is None:  # the persona of the dataset's own labeller, else the balanced one
+        scorer = str(meta.get("origin", {}).get("scorer", meta.get("scorer", "annotator")))
         persona = scorer.split(":", 1)[1] if scorer.startswith("annotator:") else "balanced"
     return Annotator(persona), persona
 
@@ -101,9 +101,15 @@ def card_markdown(card: dict[str, Any]) -> str:
     kind = card.get("kind", "?")
     schema = "Pick-a-Pic v2 (caption, jpg_0, jpg_1, label_0, label_1)" if kind == "pairwise" else "PrefPaint (image, masked_image, mask, score, rank, group_id, mask_kind)"
     lines += [f"- kind: **{kind}** — schema {schema}; Parquet shards under `data/`, read with 🤗 datasets"]
-    for key in ("model", "scorer", "prompts", "per_prompt", "steps", "guidance_scale", "seed", "source"):
+    for key in ("model", "scorer", "style", "source", "caption", "prompts", "per_prompt", "steps", "guidance_scale", "seed"):
         if key in origin:
             lines.append(f"- {key.replace('_', ' ')}: `{origin[key]}`")
+    check = card.get("style_check")
+    if check:
+        lines.append(
+            f"- style pairs: winner = the `{check['style']}` image, loser = the plain one ({check['source']}); caption = the {check['caption']} prompt; "
+            f"style check {'on' if check['enabled'] else 'off'}: {check['kept']} of {check['checked']} pairs kept"
+        )
     lines.append("")
     for split, info in card.get("splits", {}).items():
         lines.append(f"## split `{split}`")
@@ -115,7 +121,7 @@ def card_markdown(card: dict[str, Any]) -> str:
                 value = "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
             lines.append(f"- {key.replace('_', ' ')}: {value}")
         lines.append("")
-    if kind == "pairwise":
+    if kind == "pairwise" and card.get("annotator_persona") is not None:
         lines.append(
             "Annotator agreement = share of non-tie pairs whose winner has the higher *noiseless* annotator score "
             "(the ceiling accuracy of a reward model on these labels)."
@@ -123,21 +129,24 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(path: str | Path, persona: str | None = None, max_records: int = 4000, name: str | None = None, extra: dict | None = None) -> dict[str, Any]:
-    """Compute the card of every split of the dataset at ``path``; write card.json and README.md."""
+def write_card(path: str | Path, persona: str | None = None, max_records: int = 4000, name: str | None = None, extra: dict | None = None, annotator: bool = True) -> dict[str, Any]:
+    """Compute the card of every split of the dataset at ``path``; write card.json and README.md.
+
+    ``annotator=False`` leaves out the agreement with the noiseless annotator (for data whose
+    labels are not a judgement of image against caption, e.g. style pairs)."""
     from prefalign.data import load_preference_data
 
     path = Path(path)
     meta = read_meta(path)
-    annotator, persona = _annotator_for(meta, persona)
+    judge, persona = _annotator_for(meta, persona) if annotator else (None, None)
     card: dict[str, Any] = {"name": name or path.name, "kind": None, "origin": meta.get("origin", {}), "annotator_persona": persona, "splits": {}}
     for split in sorted(available_splits(path), key=lambda s: (s != "train", s)):
         data = load_preference_data(path, split)
         card["kind"] = "pairwise" if hasattr(data, "label_0") else "pointwise"
         if card["kind"] == "pairwise":
-            card["splits"][split] = pairwise_split_card(data, annotator, max_records)
+            card["splits"][split] = pairwise_split_card(data, judge, max_records)
         else:
-            card["splits"][split] = pointwise_split_card(data, annotator, max_records)
+            card["splits"][split] = pointwise_split_card(data, judge, max_records)
     card.update(extra or {})
     (path / "card.json").write_text(json.dumps(card, indent=2, default=float))
     (path / "README.md").write_text(card_markdown(card))

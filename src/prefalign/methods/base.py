@@ -9,9 +9,16 @@ A method is a class with
 - optionally ``rollout(batch, models) -> batch``: work done without gradients before the loss
   (sampling images for the RL methods; the offline methods of METHODS.md §1–3 have none);
 - ``needs_reference`` (does the loss call the frozen reference ε_ref?) and ``data`` (what batches it
-  consumes: ``"pairs"`` of preferred/rejected images, or ``"prompts"`` for methods that make their
-  own images);
-- ``state_dict()/load_state_dict()`` for any JSON-able state that must survive a resume.
+  consumes: ``"pairs"`` of preferred/rejected images, ``"prompts"`` for methods that make their
+  own images, or ``"none"``: no data at all — the batch holds only the micro-step's seeds and the
+  method draws its own prompts, e.g. Diff-Instruct++);
+- ``state_dict()/load_state_dict()`` for any JSON-able state that must survive a resume, and
+  ``state_tensors()/load_state_tensors()`` for tensors (networks and optimisers a method owns,
+  saved as safetensors in the checkpoint);
+- optionally ``trainer_defaults`` (trainer settings the method's reference uses, applied under any
+  config file and ``--set``) and ``replace_nonfinite_gradients`` (the trainer replaces NaN/inf
+  gradients of the policy, as some reference codes do, instead of stopping; a non-finite *loss*
+  still stops the run).
 
 Randomness. Every random draw of a loss comes from :class:`StepRandomness`: generators seeded by
 (run seed, step, micro-step, *global* sample position, stream name). So a step's noise, timesteps and
@@ -157,6 +164,17 @@ class TrainingModels(ABC):
     process_index: int = 0
     image_embedder: Callable[[Tensor], Tensor] | None = None
     step: int = 0
+    #: The policy's learning rate of the current step (for methods that own another optimiser).
+    learning_rate: float = 0.0
+    #: The trainer's settings (a ``TrainConfig``: seed, batch_size, gradient_accumulation_steps …).
+    config: Any = None
+
+    def guard(self, value: Tensor, what: str) -> None:
+        """Stop the run with a clear message when ``value`` is not finite (the trainer's NaN guard)."""
+        if not bool(torch.isfinite(value.detach()).all()):
+            from prefalign.errors import PrefalignError
+
+            raise PrefalignError(f"non-finite {what}; lower the learning rate")
 
     @abstractmethod
     def reference(self) -> AbstractContextManager[Backbone]:
@@ -193,6 +211,13 @@ def network_output(backbone: Backbone, x_t: Tensor, t: Tensor, cond: Conditionin
     return backbone.predict_eps(x_t, t, cond)
 
 
+def replace_nonfinite_gradients_(parameters: Sequence[torch.nn.Parameter], posinf: float = 1e5, neginf: float = -1e5) -> None:
+    """In place: NaN gradients → 0, ±inf → ±1e5 (the reference codes' ``torch.nan_to_num`` of EDM / SiD)."""
+    for p in parameters:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=posinf, neginf=neginf)
+
+
 def per_sample_error(prediction: Tensor, target: Tensor) -> Tensor:
     """e = mean over (C, H, W) of (prediction − target)² (METHODS.md "Notation": a mean, not a sum).
 
@@ -217,7 +242,11 @@ class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     needs_reference: ClassVar[bool] = True
-    data: ClassVar[Literal["pairs", "prompts"]] = "pairs"
+    data: ClassVar[Literal["pairs", "prompts", "none"]] = "pairs"
+    #: Trainer settings of the method's reference (nested dict, e.g. ``{"grad_clip": 0.0}``).
+    trainer_defaults: ClassVar[dict[str, Any]] = {}
+    #: Replace non-finite policy gradients (nan → 0, ±inf → ±1e5) instead of stopping the run.
+    replace_nonfinite_gradients: ClassVar[bool] = False
     #: The metric whose rise means "better" on the training batch (for logging / progress bars).
     headline_metric: ClassVar[str] = "loss"
 
@@ -241,6 +270,13 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+    def state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """Named groups of tensors saved in checkpoints (default: none); called after :meth:`state_dict`."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, dict[str, Tensor]]) -> None:
+        """Restore :meth:`state_tensors` (called after :meth:`load_state_dict` on resume)."""
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

@@ -103,19 +103,29 @@ def _test_prompts(prompts: list[str], fraction: float, seed: int) -> set[str]:
     return set(random.Random(seed + 17).sample(unique, count))
 
 
-def _inpainting_inputs(backbone, prompts: list[str], per_prompt: int, config: MakePrefsConfig):
-    """Source renders, masks and masked images for an inpainting model (one per prompt)."""
+def image_side(backbone) -> int:
+    """Pixel side of the images a backbone samples (a diffusers pipeline: its resolution, not the
+    latent size; the shapes models: their image size)."""
+    resolution = getattr(backbone, "resolution", None)
+    if resolution is not None:
+        return int(resolution[-1])
+    return int(getattr(backbone, "image_size", backbone.latent_shape[-1]))
+
+
+def _inpainting_inputs(backbone, prompts: list[str], config: MakePrefsConfig, seed: int):
+    """Source renders, masks and masked images for an inpainting model (one per prompt; the
+    render jitter and the masks are drawn from ``seed``)."""
     from prefalign.worlds.shapes.masks import make_masks
     from prefalign.worlds.shapes.prompts import parse_prompt
     from prefalign.worlds.shapes.render import render
 
     scenes = [parse_prompt(p) for p in prompts]
-    sources = render(scenes, seed=config.seed, size=backbone.latent_shape[-1]).images
+    sources = render(scenes, seed=seed, size=image_side(backbone)).images
     kinds = ["outpaint" if (config.mask_kind == "outpaint" or (config.mask_kind == "both" and i % 2 == 0)) else "warp" for i in range(len(prompts))]
     masks = torch.zeros(len(prompts), 1, *sources.shape[-2:])
     for kind in set(kinds):
         rows = [i for i, k in enumerate(kinds) if k == kind]
-        masks[rows] = make_masks(kind, sources[rows], seed=config.seed)
+        masks[rows] = make_masks(kind, sources[rows], seed=seed + len(kind))
     masked = sources * (1 - masks)
     return sources, masks, masked, kinds
 
@@ -149,7 +159,7 @@ def make_preferences(config: MakePrefsConfig, out: str | Path, prompts: list[str
         first_seed = config.seed + start * config.per_prompt
         condition = None
         if inpainting:
-            sources, masks, masked, kinds = _inpainting_inputs(backbone, chunk, config.per_prompt, config)
+            sources, masks, masked, kinds = _inpainting_inputs(backbone, chunk, config, seed=config.seed + start)
 
             def condition(cond, rows, masks=masks.repeat_interleave(config.per_prompt, 0), sources=sources.repeat_interleave(config.per_prompt, 0)):
                 return backbone.inpaint_conditioning(cond, sources[rows], masks[rows])
@@ -198,7 +208,7 @@ def make_preferences(config: MakePrefsConfig, out: str | Path, prompts: list[str
             "schema": "pick-a-pic-v2" if config.format == "pairwise" else "prefpaint",
             "inpainting": bool(inpainting and config.format == "pointwise"),
             "splits": counts,
-            "image_size": [backbone.latent_shape[-1]] * 2 if backbone.kind.startswith("shapes") else None,
+            "image_size": [image_side(backbone)] * 2,
             "origin": {**config.model_dump(), "prompt_count": len(prompts)},
         },
     )

@@ -138,6 +138,7 @@ class RewardModel(nn.Module, Scorer):
     the confidence bound and the trust factor."""
 
     differentiable = True
+    has_confidence = True
 
     def __init__(self, config: RewardModelConfig | None = None, clip: ShapesClip | None = None, metadata: dict | None = None):
         nn.Module.__init__(self)
@@ -298,8 +299,8 @@ class RewardModel(nn.Module, Scorer):
         model.ridge.copy_(confidence["V"])
         model.ridge_inverse.copy_(confidence["V_inverse"])
         model.ridge_count.fill_(int(confidence["count"][0]))
-        model.clip.set_trainable(1.0)
-        return model.to(device).eval()
+        # A loaded model is a scorer: frozen (gradients reach the images only) and in eval mode.
+        return model.to(device).eval().requires_grad_(False)
 
 
 def is_reward_model_folder(path: str | Path) -> bool:

@@ -331,12 +331,14 @@ def _labeller(data_path: str | Path) -> str:
 
 
 def quantile_line(x: np.ndarray, y: np.ndarray, quantile: float = 0.95, slopes: int = 400) -> tuple[float, float]:
-    """Linear quantile regression y ≈ a + c·x at ``quantile`` (minimum pinball loss): for each
+    """Linear quantile regression y ≈ a + c·x at ``quantile`` (minimum pinball loss) with c ≥ 0 —
+    an *upper bound* that grows with x, the form of the theory's β_δ·‖z‖_{V⁻¹} (a falling line would
+    not be a confidence bound; when the data have no rising trend the fit is flat, c = 0). For each
     candidate slope the best intercept is the quantile of y − c·x. Returns (a, c)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     spread = (np.quantile(y, 0.99) - np.quantile(y, 0.01)) / max(np.ptp(x), 1e-12)
     best = (np.inf, 0.0, float(np.quantile(y, quantile)))
-    for c in np.linspace(-spread, 3 * spread, slopes):
+    for c in np.linspace(0.0, 3 * spread, slopes):
         residual = y - c * x
         a = np.quantile(residual, quantile)
         r = residual - a
@@ -365,9 +367,10 @@ def in_distribution_flags(prompts: list[str]) -> list[str]:
 
 
 def bound_analysis(rewards: torch.Tensor, truth: torch.Tensor, bounds: torch.Tensor, seed: int = 0, quantile: float = 0.95) -> dict[str, Any]:
-    """PrefPaint Fig. 2 numbers: calibrate reward → truth affinely and fit the upper line on a random
-    half; report on the other half the share under the line, and on all samples the Spearman ρ of
-    |error| with the bound."""
+    """PrefPaint Fig. 2 numbers: calibrate reward → truth affinely and fit the upper line (a + c·b,
+    c ≥ 0, the ``quantile`` quantile) and the proportional bound β_δ·b on a random half; report on
+    the other half the share under each, and on all samples the Spearman ρ of |error| with b.
+    rewards, truth, bounds: [N] → dict (``errors``: the |error| array, for plotting)."""
     r, s, b = (np.asarray(t.detach().double().cpu().numpy()) for t in (rewards, truth, bounds))
     order = np.random.default_rng(seed).permutation(len(r))
     calibration, evaluation = order[: len(r) // 2], order[len(r) // 2 :]
@@ -375,19 +378,24 @@ def bound_analysis(rewards: torch.Tensor, truth: torch.Tensor, bounds: torch.Ten
     error = np.abs(slope * r + intercept - s)
     line_a, line_c = quantile_line(b[calibration], error[calibration], quantile)
     under = float(np.mean(error[evaluation] <= line_a + line_c * b[evaluation]))
+    # the theory's own form, error ≤ β_δ·‖z‖_{V⁻¹}: β_δ = the quantile of error / bound
+    beta_delta = float(np.quantile(error[calibration] / np.maximum(b[calibration], 1e-12), quantile))
     return {
         "samples": len(r),
         "calibration": {"slope": float(slope), "intercept": float(intercept)},
         "mean_abs_error": float(error.mean()),
         "upper_line": {"intercept": line_a, "slope": line_c, "quantile": quantile},
         "share_under_line": under,
+        "beta_delta": beta_delta,
+        "share_under_beta_delta_bound": float(np.mean(error[evaluation] <= beta_delta * b[evaluation])),
         "error_bound_spearman": spearman_correlation(error, b),
         "errors": error,
     }
 
 
-def plot_error_vs_bound(bounds: np.ndarray, errors: np.ndarray, flags: list[str], line: dict[str, float], path: str | Path, title: str = "") -> Path:
-    """PrefPaint Fig. 2: |reward error| against ‖z‖_{V⁻¹} with the fitted upper line."""
+def plot_error_vs_bound(bounds: np.ndarray, errors: np.ndarray, flags: list[str], line: dict[str, float], path: str | Path, title: str = "", beta_delta: float | None = None) -> Path:
+    """PrefPaint Fig. 2: |reward error| against ‖z‖_{V⁻¹} with the fitted upper line (and, given
+    ``beta_delta``, the proportional bound β_δ·‖z‖_{V⁻¹} dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,6 +410,9 @@ def plot_error_vs_bound(bounds: np.ndarray, errors: np.ndarray, flags: list[str]
             ax.scatter(bounds[rows], errors[rows], s=6, alpha=0.5, color=colour, label=f"{flag} ({int(rows.sum())})")
     xs = np.linspace(0, float(bounds.max()) * 1.02, 50)
     ax.plot(xs, line["intercept"] + line["slope"] * xs, color="black", lw=1.5, label=f"upper line (q={line['quantile']:.2f})")
+    if beta_delta is not None:
+        ax.plot(xs, beta_delta * xs, color="black", lw=1, ls="--", label=f"β_δ·‖z‖ (β_δ={beta_delta:.3g})")
+    ax.set_ylim(0, max(float(errors.max()), 1e-6) * 1.05)
     ax.set_xlabel(r"$\|z\|_{V^{-1}}$")
     ax.set_ylabel("|reward error| (annotator-score units)")
     ax.set_title(title or "reward error vs confidence bound")
@@ -541,7 +552,7 @@ def evaluate_reward_model(
             "mean_trust_gamma": float(gammas[mask].mean()),
         }
     if plot is not None:
-        plot_error_vs_bound(bounds.numpy(), errors, flags, analysis["upper_line"], plot, title=f"{getattr(model, 'name', 'reward model')} on {Path(data_path).name} [{split}]")
+        plot_error_vs_bound(bounds.numpy(), errors, flags, analysis["upper_line"], plot, title=f"{getattr(model, 'name', 'reward model')} on {Path(data_path).name} [{split}]", beta_delta=analysis["beta_delta"])
         result["plot"] = str(plot)
     return result
 
@@ -581,6 +592,8 @@ def reward_card(model: RewardModel, evaluation: dict[str, Any] | None = None) ->
         bound = evaluation.get("bound", {})
         if bound:
             lines.append(f"- Spearman(|error|, ‖z‖_V⁻¹): {bound['error_bound_spearman']:.3f}; share under the fitted upper line: {bound['share_under_line']:.3f}")
+            if "beta_delta" in bound:
+                lines.append(f"- β_δ (error ≤ β_δ·‖z‖_V⁻¹ at the 0.95 quantile): {bound['beta_delta']:.3g}; share under it: {bound['share_under_beta_delta_bound']:.3f}")
     return "\n".join(lines) + "\n"
 
 

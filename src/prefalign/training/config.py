@@ -68,6 +68,17 @@ class DataConfig(Section):
     random_flip: bool = Field(False, description="flip winner and loser together with probability 1/2")
     shuffle: bool = Field(True, description="a fresh permutation of the pairs every epoch (seeded)")
     limit: int | None = Field(None, ge=1, description="use only the first N pairs (after dropping ties)")
+    validation: Literal["full", "lazy"] = Field(
+        "full",
+        description="full: decode every image when the data is opened (report first; images must share one size); "
+        "lazy: check only captions/labels at open, decode and resize each image when read, replace an undecodable "
+        "record by the next one with a warning (Pick-a-Pic-size data: opens in seconds, memory flat in dataset size)",
+    )
+    cache_dir: str | None = Field(None, description="where datasets writes the memory-mapped Arrow copy of the shards (default: HF_DATASETS_CACHE)")
+    latent_cache: str | None = Field(
+        None, description="folder of cached VAE latents of the pairs' images (memory-mapped, filled as rows are first read or by "
+        "precompute_latents; latents rounded to float16): later epochs skip the VAE. See training/latent_cache.py",
+    )
 
 
 class EMAConfig(Section):
@@ -133,6 +144,7 @@ class TrainConfig(Section):
     def _known_method(cls, value: str) -> str:
         from prefalign.methods import METHODS
 
+        value = value.replace("-", "_")  # diff-instruct-pp = diff_instruct_pp
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; choose one of {', '.join(sorted(METHODS))}")
         return value
@@ -160,7 +172,7 @@ def align_config_class() -> type[TrainConfig]:
 
 
 def load_align_config(config_file: Path | None = None, overrides: list[str] | None = None, **explicit: Any) -> TrainConfig:
-    """Defaults ← YAML file ← ``--set key=value`` overrides ← explicit values (those not None;
+    """Defaults ← the method's ``trainer_defaults`` ← YAML file ← ``--set key=value`` overrides ← explicit values (those not None;
     dotted keys allowed, e.g. ``**{"data.path": DIR}``). Nested sections are merged key by key.
     Any problem is a one-line :class:`PrefalignError`."""
     from prefalign.commands.common import parse_overrides
@@ -189,7 +201,16 @@ def load_align_config(config_file: Path | None = None, overrides: list[str] | No
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     data = _deep_merge(data, nested)
-    return validate_config(data)
+    return validate_config(_with_method_defaults(data))
+
+
+def _with_method_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """The selected method's ``trainer_defaults`` under ``data`` (e.g. Diff-Instruct++: Adam β1 = 0)."""
+    from prefalign.methods import METHODS
+
+    method = METHODS.get(str(data.get("method", TrainConfig.model_fields["method"].default)).replace("-", "_"))
+    defaults = getattr(method, "trainer_defaults", None)
+    return _deep_merge(defaults, data) if defaults else data
 
 
 def validate_config(data: dict[str, Any]) -> TrainConfig:
@@ -228,7 +249,7 @@ def config_from_yaml_text(text: str) -> TrainConfig:
 
 
 #: Fields that may change when a run is resumed (everything else must match the saved config).
-RESUMABLE_CHANGES = ("steps", "logging", "eval", "export", "data.num_workers", "threads", "checkpoint")
+RESUMABLE_CHANGES = ("steps", "logging", "eval", "export", "data.num_workers", "data.cache_dir", "threads", "checkpoint")
 
 
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:

@@ -11,6 +11,11 @@
 
 Every export also holds ``prefalign_export.json`` (method, base model, steps, LoRA config). The folder
 is written atomically (temporary folder, then rename).
+
+A one-step generator (Diff-Instruct++: ``backbone.one_step`` set) is marked with ``one_step.json``;
+for diffusers models its export is also the complete pipeline with the generator's UNet (LoRA merged)
+at the top of RUN/export, so ``prefalign sample --model RUN/export --steps 1`` runs it (the LoRA
+weights file stays next to it).
 """
 
 from __future__ import annotations
@@ -66,12 +71,22 @@ def export_aligned(backbone: Backbone, out_dir: str | Path, config, step: int) -
         "ema": bool(config.ema.enabled and config.ema.export),
         "kind": backbone.kind,
     }
+    one_step = getattr(backbone, "one_step", None)
+    if one_step is not None:
+        info["one_step"] = one_step.to_dict()
 
     def write(tmp: Path) -> None:
         if backbone.kind.startswith("shapes"):
             _export_shapes(backbone, tmp, info)
         else:
             _export_diffusers(backbone, tmp, lora, config.export.merged_pipeline)
+            if one_step is not None:  # deployable as is: the whole pipeline, generator UNet merged
+                pipeline = backbone.pipeline
+                type(pipeline)(**{**pipeline.components, "unet": merged_unet(backbone.unet)}).save_pretrained(tmp, safe_serialization=True)
+        if one_step is not None:
+            from prefalign.backbones.one_step import write_one_step
+
+            write_one_step(tmp, one_step)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
 
     return atomic_tree_write(out_dir, write)

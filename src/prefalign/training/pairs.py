@@ -27,16 +27,20 @@ from prefalign.methods.base import seeded_generator
 TIE = 0.5
 
 
-def open_pairs(source: Any, ties: str = "drop", progress: bool = False):
+def open_pairs(source: Any, ties: str = "drop", progress: bool = False, validate: str = "full", cache_dir: str | None = None):
     """A :class:`prefalign.data.PairwiseDataset` from a dataset folder / Parquet file, or ``source``
-    itself when it already is one."""
+    itself when it already is one. ``validate="lazy"``: a :class:`prefalign.data.loader.LazyPairs`
+    (small columns checked at open, images when read, resized per image: the scale path)."""
+    from prefalign.data.loader import LazyPairs, open_lazy_pairs
     from prefalign.data.preference import PairwiseDataset, load_pairwise
 
-    if isinstance(source, PairwiseDataset):
+    if isinstance(source, (PairwiseDataset, LazyPairs)):
         return source
     if source is None:
         raise PrefalignError("no preference data: pass --data DIR (a folder made by `prefalign prefs make` or `prefs import`)")
-    return load_pairwise(Path(source), "train", drop_ties=ties == "drop", progress=progress)
+    if validate == "lazy":
+        return open_lazy_pairs(Path(source), "train", drop_ties=ties == "drop", cache_dir=cache_dir)
+    return load_pairwise(Path(source), "train", drop_ties=ties == "drop", progress=progress, cache_dir=cache_dir)
 
 
 def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -131,7 +135,7 @@ class StepPairBatches(torch.utils.data.Dataset):
         micro = k % self.layout.accumulation
         flat = self.layout.flat_indices(step, micro)
         indices = self.order(flat)
-        batch = self.pairs.batch(indices)
+        batch = self.pairs.batch(indices, size=self.resolution) if getattr(self.pairs, "resizes", False) else self.pairs.batch(indices)
         images_0 = resize_images(batch.images_0, self.resolution)
         images_1 = resize_images(batch.images_1, self.resolution)
         label = batch.label_0
@@ -145,6 +149,7 @@ class StepPairBatches(torch.utils.data.Dataset):
         mask = first_wins[:, None, None, None]
         images_w = torch.where(mask, images_0, images_1)
         images_l = torch.where(mask, images_1, images_0)
+        flips = None
         if self.random_flip:
             flips = torch.tensor(
                 [
@@ -159,6 +164,8 @@ class StepPairBatches(torch.utils.data.Dataset):
             "images_w": images_w.contiguous(),
             "images_l": images_l.contiguous(),
             "rows": batch.rows,
+            "first_wins": first_wins,  # [B] bool: image 0 is the winner (latent-cache keys)
+            "flips": flips,  # [B] bool or None
             "step": step,
             "micro": micro,
         }

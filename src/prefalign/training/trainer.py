@@ -37,7 +37,7 @@ import torch
 from prefalign.backbones.base import Backbone
 from prefalign.errors import PrefalignError
 from prefalign.methods import get_method
-from prefalign.methods.base import Method, PreferenceBatch, StepRandomness, TrainingModels
+from prefalign.methods.base import Method, PreferenceBatch, StepRandomness, TrainingModels, replace_nonfinite_gradients_
 from prefalign.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -199,6 +199,7 @@ class Trainer:
         self._backbone = backbone
         self.hooks = list(hooks)
         self.method = method if method is not None else get_method(config.method)(config.method_config())
+        self._latent_cache = None
 
     # ---- set-up ------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool, is_main: bool) -> None:
@@ -266,10 +267,15 @@ class Trainer:
         optimizer = build_optimizer(parameters, config.optimizer, peak_lr)
         ema = EMA(parameters, config.ema.decay, config.ema.warmup) if config.ema.enabled else None
 
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:  # DeepSpeed sizes its batch from a prepared DataLoader; ours is not prepared
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
         unet, optimizer = accelerator.prepare(backbone.unet, optimizer)
         backbone.unet = unet
         raw_unet = accelerator.unwrap_model(unet)
         models = _Models(backbone, switch if method.needs_reference else None, accelerator)
+        models.guard = lambda value, what: self._guard(value, models.step, accelerator, what)
+        models.config = config
         method.setup(models)
 
         # ---- resume
@@ -288,6 +294,7 @@ class Trainer:
             if ema is not None and "ema" in tensors:
                 ema.load_state_tensors(tensors["ema"])
             method.load_state_dict(state.get("method", {}))
+            method.load_state_tensors({k.removeprefix("method_"): v for k, v in tensors.items() if k.startswith("method_")})
             start_step, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
             history = list(state.get("history", []))
             if history:
@@ -298,12 +305,22 @@ class Trainer:
         loader_iter: Iterator[dict[str, Any]] = iter(())
         layout = BatchLayout(config.batch_size, accelerator.num_processes, accelerator.process_index, config.gradient_accumulation_steps)
         if start_step < config.steps and method.data == "pairs":
-            pairs = open_pairs(self.data_source, config.data.ties, progress=False)
+            with accelerator.local_main_process_first():  # one process per node builds the Arrow cache
+                pairs = open_pairs(self.data_source, config.data.ties, progress=False, validate=config.data.validation, cache_dir=config.data.cache_dir)
             dataset = StepPairBatches(
                 pairs, layout, start_step, config.steps, config.seed, pixel_resolution(backbone),
                 shuffle=config.data.shuffle, random_flip=config.data.random_flip, limit=config.data.limit,
             )
             loader_iter = iter(pair_loader(dataset, config.data.num_workers))
+            if config.data.latent_cache:
+                from prefalign.training.latent_cache import LatentCache
+
+                with accelerator.local_main_process_first():  # one process per node creates the files
+                    self._latent_cache = LatentCache.open(
+                        config.data.latent_cache, len(pairs.raw), backbone.latent_shape, config.data.random_flip,
+                        config.model, pixel_resolution(backbone),
+                    )
+                self._latent_cache.attach(backbone)
 
         if config.logging.tensorboard:
             accelerator.init_trackers("tensorboard", config={"method": config.method, "model": config.model})
@@ -328,17 +345,24 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 models.step = step
+                models.learning_rate = lr
                 step_metrics: dict[str, list[float]] = defaultdict(list)
                 grad_norm = torch.tensor(float("nan"))
                 for micro in range(config.gradient_accumulation_steps):
                     batch = self._next_batch(loader_iter, step, micro, layout, accelerator.device) if method.data == "pairs" else None
+                    if method.data == "none":  # data-free methods get only the micro-step's seeds
+                        batch = PreferenceBatch([], torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long), StepRandomness(config.seed, step, micro, layout.positions()))
                     with accelerator.accumulate(unet):
                         with accelerator.autocast():
                             batch = method.rollout(batch, models)
                             output = method.loss(batch, models)
+                        if self._latent_cache is not None:
+                            self._latent_cache.clear()
                         self._guard(output.loss, step, accelerator, "loss")
                         accelerator.backward(output.loss)
                         if accelerator.sync_gradients:
+                            if method.replace_nonfinite_gradients and config.mixed_precision != "fp16":
+                                replace_nonfinite_gradients_(parameters)
                             max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
                             grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)
                             if config.mixed_precision != "fp16":  # fp16: the gradient scaler skips inf steps itself
@@ -405,6 +429,7 @@ class Trainer:
                 "step_time_s": round(sum(step_times[1:]) / max(1, len(step_times) - 1), 5) if step_times else None,
                 "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1),
                 "trainable_parameters": sum(p.numel() for p in parameters),
+                "latent_cache": None if self._latent_cache is None else {"hits": self._latent_cache.hits, "misses": self._latent_cache.misses},
                 "export": str(export_path) if export_path else None,
                 "config_digest": config_digest(config),
             }
@@ -416,6 +441,9 @@ class Trainer:
         finally:
             for tracker in accelerator.trackers:  # not end_training(): that destroys the process group
                 tracker.finish()
+            if self._latent_cache is not None:
+                self._latent_cache.flush()
+                self._latent_cache.detach(backbone)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _next_batch(self, loader_iter, step: int, micro: int, layout: BatchLayout, device) -> PreferenceBatch:
@@ -426,6 +454,9 @@ class Trainer:
         if item["step"] != step or item["micro"] != micro:  # pragma: no cover - guards the ordering
             raise RuntimeError(f"data order broken: got step {item['step']}.{item['micro']}, expected {step}.{micro}")
         rng = StepRandomness(self.config.seed, step, micro, layout.positions())
+        if self._latent_cache is not None:
+            flips = item.get("flips")
+            self._latent_cache.expect(item["rows"].tolist(), item["first_wins"].tolist(), None if flips is None else flips.tolist())
         return PreferenceBatch(item["prompts"], item["images_w"], item["images_l"], item["rows"], rng).to(device)
 
     def _guard(self, value: torch.Tensor, step: int, accelerator, what: str) -> None:
@@ -458,9 +489,11 @@ class Trainer:
             tensors = {"trainable": {n: p.detach() for n, p in named}, "optimizer": opt_tensors}
             if ema is not None:
                 tensors["ema"] = ema.state_tensors()
+            method_state = method.state_dict()
+            tensors.update({f"method_{k}": v for k, v in method.state_tensors().items()})
             state = {
                 "optimizer": opt_state,
-                "method": method.state_dict(),
+                "method": method_state,
                 "elapsed_s": elapsed,
                 "history": history,
                 "config_digest": config_digest(self.config),
