@@ -12,9 +12,11 @@
 3. Reward models (one per ``--fix-rates`` value; 1 = frozen CLIP, 0.7 = PrefPaint's reference)
    trained pairwise (Bradley–Terry) on the train split. On the test split: accuracy vs the
    ceiling (the noiseless annotator's accuracy on the same noisy labels; bar: ≥ 95 % of it) and
-   Spearman's ρ of the reward with the noiseless annotator score. On the test split + the
-   evaluation set together: Spearman's ρ of |reward error| (reward mapped affinely onto the
-   annotator score) with ‖z‖_{V⁻¹} (bar: > 0) and PrefPaint's Fig. 2 (upper line, β_δ).
+   Spearman's ρ of the reward with the noiseless annotator score (pooled over the test images, and
+   the mean within a prompt — pairwise training does not identify offsets between prompts). On
+   the test split + the evaluation set together: Spearman's ρ of |reward error| (reward mapped
+   affinely onto the annotator score) with ‖z‖_{V⁻¹} (bar: > 0, with a bootstrap 95 % interval)
+   and PrefPaint's Fig. 2 (upper line, β_δ).
 
     python benchmarks/reward_model.py [--prompts 420] [--per-prompt 5] [--steps 10] [--fix-rates 1.0 0.7]
 
@@ -167,6 +169,7 @@ def main() -> None:
                 "ceiling": test["ceiling_accuracy"],
                 "acc/ceiling": test["accuracy_over_ceiling"],
                 "spearman": test["spearman_with_annotator"],
+                "spearman_in_prompt": test["spearman_within_prompt"],
                 "off_dist_accuracy": off["accuracy"],
                 "off_dist_ceiling": off["ceiling_accuracy"],
                 "err~bound_rho": union["error_bound_spearman"],
@@ -175,7 +178,7 @@ def main() -> None:
                 "beta_delta": union["beta_delta"],
             }
         )
-        group_rows += [{"fix_rate": fix_rate, "samples": flag, **values} for flag, values in by_group.items()]
+        group_rows += [{"fix_rate": fix_rate, "group": flag, **values} for flag, values in by_group.items()]
         details[name] = {"test": test, "evaluation_set": off, "union_bound": {**union, "by_group": by_group, "plot": str(plot)}}
     print(table(rows))
     print(table(group_rows))

@@ -290,6 +290,11 @@ def test_bound_analysis_and_the_upper_line():
     # an upper bound never falls with the bound: data with a falling trend get a flat line
     falling = quantile_line(np.linspace(0, 1, 500), 2 - np.linspace(0, 1, 500))
     assert falling[1] == 0 and falling[0] == pytest.approx(np.quantile(2 - np.linspace(0, 1, 500), 0.95))
+    # within-prompt ρ ignores offsets between prompts (which pairwise training cannot identify)
+    from prefalign.rewards.training import within_group_spearman
+
+    values, truth_ = torch.tensor([1.0, 2, 3, 10, 11, 12, 0]), torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.7, 5])
+    assert within_group_spearman(values, truth_, ["a"] * 3 + ["b"] * 3 + ["c"]) == pytest.approx(0.0)  # (1 + (−1)) / 2; "c" too small
     a, c = quantile_line(np.linspace(0, 1, 1000), np.linspace(0, 1, 1000) * 2 + 1)
     assert (a, c) == (pytest.approx(1, abs=0.02), pytest.approx(2, abs=0.05))
 

@@ -125,7 +125,7 @@ def eval_(
         return
     typer.echo(f"{result['data']} [{result['split']}]: {result['records']} records ({result['bad_records']} bad)")
     typer.echo(f"accuracy {result['accuracy']:.3f} on {result['pairs_compared']} comparisons; ceiling {result['ceiling_accuracy']:.3f} ({result['accuracy_over_ceiling']:.1%} of it)")
-    typer.echo(f"Spearman with the noiseless annotator: {result['spearman_with_annotator']:.3f}")
+    typer.echo(f"Spearman with the noiseless annotator: {result['spearman_with_annotator']:.3f} (pooled), {result['spearman_within_prompt']:.3f} (mean within a prompt)")
     bound = result["bound"]
     typer.echo(
         f"error vs bound: Spearman {bound['error_bound_spearman']:.3f}; share under the fitted upper line {bound['share_under_line']:.3f}; "

@@ -348,6 +348,19 @@ def quantile_line(x: np.ndarray, y: np.ndarray, quantile: float = 0.95, slopes: 
     return best[2], best[1]
 
 
+def within_group_spearman(values, truth, groups: list[str], minimum: int = 3) -> float:
+    """Mean over groups (prompts) with at least ``minimum`` samples of Spearman's ρ(values, truth)
+    inside the group. A reward trained on pairs of one prompt learns differences within a prompt;
+    its offset between prompts is not identified, which the pooled ρ mixes in. NaN if no group."""
+    v, t = np.asarray(torch.as_tensor(values).double()), np.asarray(torch.as_tensor(truth).double())
+    index: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        index.setdefault(group, []).append(i)
+    values_ = [spearman_correlation(v[rows], t[rows]) for rows in index.values() if len(rows) >= minimum]
+    values_ = [x for x in values_ if np.isfinite(x)]
+    return float(np.mean(values_)) if values_ else float("nan")
+
+
 def in_distribution_flags(prompts: list[str]) -> list[str]:
     """"in-distribution", "held-out combination", "styled" or "other" per prompt."""
     from prefalign.worlds.shapes.prompts import try_parse_prompt
@@ -529,6 +542,7 @@ def evaluate_reward_model(
             }
         )
     result["spearman_with_annotator"] = spearman_correlation(rewards, truth)
+    result["spearman_within_prompt"] = within_group_spearman(rewards, truth, prompts)
     analysis = bound_analysis(rewards, truth, bounds)
     errors = analysis.pop("errors")
     flags = in_distribution_flags(prompts)
@@ -585,7 +599,7 @@ def reward_card(model: RewardModel, evaluation: dict[str, Any] | None = None) ->
     evaluation = evaluation or model.metadata.get("evaluation")
     if evaluation:
         lines += ["", "## Evaluation", ""]
-        for key in ("data", "split", "accuracy", "ceiling_accuracy", "accuracy_over_ceiling", "spearman_with_annotator"):
+        for key in ("data", "split", "accuracy", "ceiling_accuracy", "accuracy_over_ceiling", "spearman_with_annotator", "spearman_within_prompt"):
             if key in evaluation:
                 value = evaluation[key]
                 lines.append(f"- {key.replace('_', ' ')}: {value:.4f}" if isinstance(value, float) else f"- {key.replace('_', ' ')}: {value}")
@@ -617,6 +631,7 @@ __all__ = [
     "evaluate_reward_model",
     "score_dataset",
     "in_distribution_flags",
+    "within_group_spearman",
     "bound_analysis",
     "quantile_line",
     "plot_error_vs_bound",
