@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -46,14 +45,11 @@ METHODS = ("sft", "dpo", "rpo", "inpo")
 # --------------------------------------------------------------------------------------------------
 
 
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (ties count ½)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
+def wilson(successes: float, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (ties count ½): the library's."""
+    from prefalign.evaluation import wilson_interval
+
+    return wilson_interval(successes, n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +70,6 @@ def make_pairs(model: str, out: Path, prompts: int, per_prompt: int, steps: int,
 def make_style_pairs(out: Path, style: str, count: int, size: int, seed: int = 0) -> Path:
     """Style preference pairs (RPO's style alignment): winner = the render of the prompt in ``style``,
     loser = the plain render; the caption is the plain prompt."""
-    import torch
 
     from prefalign.data.preference import PAIRWISE_SCHEMA, pair_record
     from prefalign.data.storage import ShardWriter
@@ -322,6 +317,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--reward", default=None, help="a learned reward (folder or module:function) for the reward win rate")
     parser.add_argument("--styles", nargs="*", default=["winter", "sketch", "starry"])
+    parser.add_argument("--style-methods", nargs="*", default=["sft", "dpo", "rpo"], help="methods of the style-alignment table")
     parser.add_argument("--style-pairs", type=int, default=2000)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra key=value override for every run")
     parser.add_argument("--device", default="cpu")
@@ -362,8 +358,61 @@ def main() -> None:
         overrides += ["batch_size=8", "data.num_workers=0"]
 
     results: dict[str, list[dict[str, Any]]] = {}
-    for method in args.methods:
-        for seed in args.seeds:
+
+    def summary() -> tuple[list, dict, list]:
+        rows = [summarise(m, r, base, s) for s in eval_sets for m, r in results.items()]
+        curves = {m: mean_curve(r) for m, r in results.items()}
+        dpo_final = curves.get("dpo", [])[-1][1] if curves.get("dpo") else None
+        speed = []
+        for method, runs in results.items():
+            reach = next((step for step, value in curves[method] if dpo_final is not None and value >= dpo_final), None)
+            speed.append({
+                "method": method,
+                "step_time_s": sum(r["step_time_s"] for r in runs) / len(runs),
+                "overhead_ratio": sum(r.get("overhead_ratio", float("nan")) for r in runs) / len(runs),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+                "peak_memory_mib": max((r.get("peak_memory_mib") or 0) for r in runs),  # CUDA allocated on a GPU, else RSS
+                "steps_to_dpo_final_win_rate": reach,
+            })
+        return rows, curves, speed
+
+    name = "alignment-quick" if args.quick else "alignment"
+
+    def save(style_rows: list, complete: bool) -> Path:
+        """Results so far (after every run, so a long benchmark cut short still leaves its numbers)."""
+        rows, curves, speed = summary()
+        return write_json(name, {
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"model": model, "data": str(data), "pairs": len(pairs)},
+            "complete": complete, "win_rates": rows, "curves": curves, "speed": speed, "style": style_rows, "wall_time_s": time.time() - started,
+        })
+
+    style_rows: list[dict[str, Any]] = []
+
+    def style_alignment() -> None:
+        """RPO's style alignment: for each style, SFT/DPO/RPO on styled-vs-plain pairs (first seed)."""
+        for style in args.styles:
+            style_data = make_style_pairs(out / f"style-{style}", style, args.style_pairs, 16 if args.quick else 32)
+            plain = eval_sets["held_out_prompts"][: max(16, args.eval_prompts // 4)]
+            base_share = base["held_out_prompts"]["style_counts"].get(style, 0) / len(eval_sets["held_out_prompts"])
+            for method in args.style_methods:
+                job = {
+                    "config": method, "model": model, "data": str(style_data), "steps": args.steps, "seed": args.seeds[0],
+                    "overrides": overrides + ["eval.every=0", "eval.annotator=false"], "run_dir": str(out / "style-runs" / f"{style}-{method}"),
+                    "device": args.device, "threads": args.threads, "eval_sets": {"plain": plain}, "eval_seed": eval_seed,
+                    "sampling_steps": args.sampling_steps, "guidance": args.guidance, "reward": None, "measure_overhead": False, "style": style,
+                }
+                result, _ = run_isolated(train_one, job)
+                ev = result["evaluation"]["plain"]
+                style_rows.append({
+                    "style": style, "method": method, "style_share": ev["style_share"], "base_style_share": base_share,
+                    "colour_accuracy": sum(ev["colour"]) / len(ev["colour"]), "shape_accuracy": sum(ev["shape"]) / len(ev["shape"]),
+                })
+                save(style_rows, complete=False)
+
+    # Order: every method for the first seed, the style runs, then the other seeds — results are saved
+    # after every run, so a benchmark cut short still has a full first seed and the style table.
+    for index, seed in enumerate(args.seeds):
+        for method in args.methods:
             job = {
                 "config": method, "model": model, "data": str(data), "steps": args.steps, "seed": seed, "overrides": overrides,
                 "run_dir": str(out / "runs" / f"{method}-seed{seed}"), "device": args.device, "threads": args.threads,
@@ -374,46 +423,12 @@ def main() -> None:
             result["peak_rss_mib"] = peak
             results.setdefault(method, []).append(result)
             print(f"{method} seed {seed}: done ({time.time() - started:.0f} s)", flush=True)
+            save(style_rows, complete=False)
+        if index == 0:
+            style_alignment()
 
-    rows = [summarise(m, r, base, s) for s in eval_sets for m, r in results.items()]
-    curves = {m: mean_curve(r) for m, r in results.items()}
-    dpo_final = curves.get("dpo", [])[-1][1] if curves.get("dpo") else None
-    speed = []
-    for method, runs in results.items():
-        reach = next((step for step, value in curves[method] if dpo_final is not None and value >= dpo_final), None)
-        speed.append({
-            "method": method,
-            "step_time_s": sum(r["step_time_s"] for r in runs) / len(runs),
-            "overhead_ratio": sum(r.get("overhead_ratio", float("nan")) for r in runs) / len(runs),
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-            "peak_memory_mib": max((r.get("peak_memory_mib") or 0) for r in runs),  # CUDA allocated on a GPU, else RSS
-            "steps_to_dpo_final_win_rate": reach,
-        })
-
-    style_rows = []
-    for style in args.styles:
-        style_data = make_style_pairs(out / f"style-{style}", style, args.style_pairs, 16 if args.quick else 32)
-        plain = eval_sets["held_out_prompts"][: max(16, args.eval_prompts // 4)]
-        base_share = base["held_out_prompts"]["style_counts"].get(style, 0) / len(eval_sets["held_out_prompts"])
-        for method in [m for m in args.methods if m in ("sft", "dpo", "rpo")]:
-            job = {
-                "config": method, "model": model, "data": str(style_data), "steps": args.steps, "seed": args.seeds[0],
-                "overrides": overrides + ["eval.every=0", "eval.annotator=false"], "run_dir": str(out / "style-runs" / f"{style}-{method}"),
-                "device": args.device, "threads": args.threads, "eval_sets": {"plain": plain}, "eval_seed": eval_seed,
-                "sampling_steps": args.sampling_steps, "guidance": args.guidance, "reward": None, "measure_overhead": False, "style": style,
-            }
-            result, _ = run_isolated(train_one, job)
-            ev = result["evaluation"]["plain"]
-            style_rows.append({
-                "style": style, "method": method, "style_share": ev["style_share"], "base_style_share": base_share,
-                "colour_accuracy": sum(ev["colour"]) / len(ev["colour"]), "shape_accuracy": sum(ev["shape"]) / len(ev["shape"]),
-            })
-
-    name = "alignment-quick" if args.quick else "alignment"
-    path = write_json(name, {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"model": model, "data": str(data), "pairs": len(pairs)},
-        "win_rates": rows, "curves": curves, "speed": speed, "style": style_rows, "wall_time_s": time.time() - started,
-    })
+    path = save(style_rows, complete=True)
+    rows, curves, speed = summary()
     columns = ["method", "set", "win_rate", "ci95_low", "ci95_high", "annotator_score", "base_score", "attribute_accuracy", "base_attribute_accuracy"]
     if any("reward_win_rate" in r for r in rows):
         columns.append("reward_win_rate")

@@ -34,7 +34,6 @@ folder to retrain it). Writes benchmarks/results/diff_instruct_pp[-quick].json a
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -47,14 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 from _common import table, write_json  # noqa: E402
 
 
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (ties count ½)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
+def wilson(successes: float, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (ties count ½): the library's."""
+    from prefalign.evaluation import wilson_interval
+
+    return wilson_interval(successes, n)
 
 
 def held_out_prompts(count: int, seed: int, split: str = "held_out") -> list[str]:

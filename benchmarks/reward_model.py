@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-t2i", help="text-to-image model that samples the data")
     parser.add_argument("--data-only", action="store_true", help="only make the datasets")
     parser.add_argument("--fix-rates", type=float, nargs="+", default=[1.0, 0.7])
+    parser.add_argument("--name", default="reward_model", help="results file benchmarks/results/NAME.json")
+    parser.add_argument("--image-statistics", action="store_true", help="also train a frozen-encoder model with the image-statistics token")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--clip-renders", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -128,10 +130,13 @@ def main() -> None:
     data, evaluation, timings = make_data(args.work, args)
     annotator = AnnotatorScorer("balanced")
     rows, group_rows, details = [], [], {}
-    for fix_rate in args.fix_rates:
-        name = f"rm-fix{fix_rate:g}"
+    variants = [(f, False) for f in args.fix_rates] + ([(1.0, True)] if args.image_statistics else [])
+    for fix_rate, statistics in variants:
+        name = f"rm-fix{fix_rate:g}" + ("-stats" if statistics else "")
+        variant = f"{fix_rate:g}" + (" + stats" if statistics else "")
         out = args.work / name
-        config = RewardTrainConfig(epochs=args.epochs, seed=args.seed, model=RewardModelConfig(fix_rate=fix_rate), tensorboard=False)
+        model_config = RewardModelConfig(fix_rate=fix_rate, image_statistics=statistics)
+        config = RewardTrainConfig(epochs=args.epochs, seed=args.seed, model=model_config, tensorboard=False)
         if not (out / "reward_model.json").is_file():
             t = time.time()
             train_reward_model(data, out, config)
@@ -149,8 +154,8 @@ def main() -> None:
         flags = in_distribution_flags(prompts)
         union["error_bound_spearman_ci95"] = bootstrap_spearman(errors, bounds.numpy(), seed=args.seed)
         plot = plot_error_vs_bound(
-            bounds.numpy(), errors, flags, union["upper_line"], RESULTS / f"reward_model_fig2_fix{fix_rate:g}.png",
-            title=f"PrefPaint Fig. 2 on the shapes world (fix_rate {fix_rate:g})", beta_delta=union["beta_delta"],
+            bounds.numpy(), errors, flags, union["upper_line"], RESULTS / f"reward_model_fig2_{name.removeprefix('rm-')}.png",
+            title=f"PrefPaint Fig. 2 on the shapes world (fix_rate {variant})", beta_delta=union["beta_delta"],
         )
         by_group = {}
         for flag in sorted(set(flags)):
@@ -163,7 +168,7 @@ def main() -> None:
             }
         rows.append(
             {
-                "fix_rate": fix_rate,
+                "fix_rate": variant,
                 "test_pairs": test["pairs_compared"],
                 "accuracy": test["accuracy"],
                 "ceiling": test["ceiling_accuracy"],
@@ -178,19 +183,19 @@ def main() -> None:
                 "beta_delta": union["beta_delta"],
             }
         )
-        group_rows += [{"fix_rate": fix_rate, "group": flag, **values} for flag, values in by_group.items()]
+        group_rows += [{"fix_rate": variant, "group": flag, **values} for flag, values in by_group.items()]
         details[name] = {"test": test, "evaluation_set": off, "union_bound": {**union, "by_group": by_group, "plot": str(plot)}}
     print(table(rows))
     print(table(group_rows))
     bar = {
         **clip_bar,
-        **{f"fix_rate={r['fix_rate']:g}: accuracy>=0.95*ceiling": bool(r["acc/ceiling"] >= 0.95) for r in rows},
-        **{f"fix_rate={r['fix_rate']:g}: error grows with bound (spearman>0)": bool(r["err~bound_rho"] > 0) for r in rows},
+        **{f"fix_rate={r['fix_rate']}: accuracy>=0.95*ceiling": bool(r["acc/ceiling"] >= 0.95) for r in rows},
+        **{f"fix_rate={r['fix_rate']}: error grows with bound (spearman>0)": bool(r["err~bound_rho"] > 0) for r in rows},
     }
     print("bars:", bar)
     cards = {path.name: __import__("json").loads((path / "card.json").read_text()) for path in (data, evaluation)}
     timings["total_s"] = time.time() - started
-    path = write_json("reward_model", {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "clip": clip, "rows": rows, "bar": bar, "details": details, "datasets": cards, "timings": timings})
+    path = write_json(args.name, {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "clip": clip, "rows": rows, "bar": bar, "details": details, "datasets": cards, "timings": timings})
     print(f"wrote {path}")
 
 

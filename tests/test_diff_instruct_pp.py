@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from prefalign.backbones.shapes import DEFAULT_SCHEDULER_CONFIG, ShapesBackbone,
 from prefalign.cli import app
 from prefalign.diffusion.schedule import NoiseSchedule, predicted_x0
 from prefalign.errors import PrefalignError
-from prefalign.methods.base import StepRandomness, TrainingModels, randn_per_sample, replace_nonfinite_gradients_
+from prefalign.methods.base import StepRandomness, randn_per_sample, replace_nonfinite_gradients_
 from prefalign.methods.diff_instruct_pp import (
     DiffInstructPP,
     DiffInstructPPConfig,
@@ -59,19 +57,7 @@ def nan_reward(images: torch.Tensor, prompts) -> torch.Tensor:
 nan_reward.differentiable = True
 
 
-class _Models(TrainingModels):
-    """The trainer's view of the networks, without the trainer (one process)."""
-
-    def __init__(self, backbone, switch):
-        self.backbone, self.switch = backbone, switch
-
-    @contextmanager
-    def reference(self):
-        with self.switch(self.backbone) as reference:
-            yield reference
-
-    def gather(self, tensor):
-        return tensor
+from test_methods import LocalModels as _Models  # noqa: E402  (the single-process TrainingModels)
 
 
 def _setup(backbone, mode: str = "lora", **options):

@@ -164,6 +164,39 @@ def test_reward_model_is_differentiable_and_round_trips(tmp_path):
     assert torch.allclose(loaded.trust_gamma(result["features"]), trust_gamma(result["bound"].double(), trust_k=0.5).float())
 
 
+def test_image_statistics_token_sees_what_the_embedding_ignores(tmp_path):
+    """The statistics token: channel mean/std of every residual block of the frozen tower, cached
+    with the embedding; the cached path (training) and the direct path (scoring) agree; it needs a
+    frozen encoder; a saved model loads back with it."""
+    clip = tiny_clip()
+    images = torch.rand(4, 3, 16, 16)
+    stats = clip.feature_statistics(images)
+    assert stats.shape == (4, clip.statistics_dim) and clip.statistics_dim == 2 * (8 + 8 + 8 + 8)
+    x, expected = clip._input(images), []
+    for block in clip.blocks:
+        x = block(x)
+        if type(block).__name__ == "ResidualBlock":
+            expected += [x.mean((2, 3)), x.std((2, 3))]
+    torch.testing.assert_close(stats, torch.cat(expected, 1))
+    model = RewardModel(tiny_config(image_statistics=True), clip=clip).eval()
+    assert model.token_kinds == ["image", "image_statistics", "prompt"]
+    cached = model.cache_input(images)
+    assert cached.shape == (4, clip.config.embed_dim + clip.statistics_dim)
+    direct = model.score(images, [PROMPT] * 4)
+    via_cache = model.reward_from_features(model.features_from_embeddings(model.embed_cached(cached), model.prompt_embeddings([PROMPT] * 4)))
+    torch.testing.assert_close(direct, via_cache)
+    # a blurred image keeps much of its embedding but moves its statistics
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    assert not torch.allclose(clip.feature_statistics(blurred), stats, atol=1e-3)
+    with pytest.raises(PrefalignError, match="bare embedding"):
+        model.features_from_embeddings(clip.encode_images(images), model.prompt_embeddings([PROMPT] * 4))
+    with pytest.raises(PrefalignError, match="fix_rate 1"):
+        RewardModel(tiny_config(image_statistics=True, fix_rate=0.7), clip=tiny_clip())
+    model.set_confidence(torch.randn(40, 16))
+    model.save_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(RewardModel.from_pretrained(tmp_path / "rm").score(images, [PROMPT] * 4), direct)
+
+
 def test_inpainting_reward_model_takes_the_masked_prompt_image():
     model = RewardModel(tiny_config(inpainting=True), clip=tiny_clip()).eval()
     images, masked = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16, requires_grad=True)

@@ -272,10 +272,11 @@ if result.metrics["processes"] == 1 or __import__("accelerate").PartialState().i
 """
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("PREFALIGN_SLOW_TESTS"), reason="~40–80 s (two accelerate processes); set PREFALIGN_SLOW_TESTS=1")
-def test_two_processes_gather_rewards_and_agree_with_one(models, tmp_path):
+@pytest.mark.parametrize("backbone", ["shapes", "sd"])
+def test_two_processes_gather_rewards_and_agree_with_one(models, tmp_path, backbone):
     """2 processes × 2 trajectories = 1 process × 4: the same trajectories (seeded by global sample
-    id), advantages normalised over the rewards gathered from both, the same (DDP-averaged) gradient."""
+    id), advantages normalised over the rewards gathered from both, the same (DDP-averaged) gradient;
+    on the shapes inpainting model and on a tiny SD-inpainting pipeline folder (latent space)."""
     import json
     import os
     import subprocess
@@ -288,14 +289,21 @@ def test_two_processes_gather_rewards_and_agree_with_one(models, tmp_path):
         "prefpaint", **{"prefpaint.reward": "test_rl:TrustToy", "prefpaint.loss_reduction": "mean", "prefpaint.sampler_refresh": 1,
                         "export.enabled": False, "optimizer.learning_rate": 1e-3}
     )
+    if backbone == "sd":
+        from tiny_pipelines import make_tiny_sd_inpaint
+
+        model = str(make_tiny_sd_inpaint(tmp_path / "sd-inpaint"))
+        overrides += ["prefpaint.prompt_mode=caption", "prefpaint.guidance_scale=3.0"]
+    else:
+        model = str(models["inpaint"])
     script = tmp_path / "run.py"
     script.write_text(MULTI_SCRIPT.format(tests=str(Path(__file__).resolve().parent), overrides=overrides))
     env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    single = subprocess.Popen([sys.executable, str(script), str(models["inpaint"]), str(tmp_path / "one"), "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    single = subprocess.Popen([sys.executable, str(script), model, str(tmp_path / "one"), "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(script), str(models["inpaint"]), str(tmp_path / "two"), "2",
+        str(script), model, str(tmp_path / "two"), "2",
     ]
     double = subprocess.run(launch, env={**env, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, (double.stdout + double.stderr)[-3000:]
@@ -303,9 +311,12 @@ def test_two_processes_gather_rewards_and_agree_with_one(models, tmp_path):
     one = json.loads((tmp_path / "one" / "history.json").read_text())
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     assert (one["processes"], two["processes"]) == (1, 2)
+    # float32 kernels round differently at batch 2 and 4; the VAE decode and the tiny reward spread of
+    # the SD case (advantages divide by it) make that ~1e-5 relative there
+    statistics_rel = 1e-5 if backbone == "shapes" else 1e-4
     for a, b in zip(one["history"], two["history"]):
         for key in ("reward_mean", "reward_std", "advantage_abs_mean", "weight_mean"):  # statistics of the gathered rollout
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+            assert b[key] == pytest.approx(a[key], rel=statistics_rel, abs=1e-6), key
         for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
     assert one["history"][0]["grad_norm"] > 0 and one["history"][1]["reward_mean"] != one["history"][0]["reward_mean"]

@@ -23,8 +23,9 @@ shared 2-core machine (wall times there were meaningless: other jobs ran): sampl
 image and DDIM step (with CFG), the annotator 0.03 s per image, one optimiser step of 8 pairs
 0.82 s (DPO), 0.95 s (RPO), 1.9 s (InPO with 5 inversion steps); ``--quick`` took 80 CPU-s in all.
 The default sizes add up to ≈ 720 CPU-s (data 175, reward 30, alignment 310 with the curve
-evaluations, evaluation 165, report and loading 35), i.e. ≈ 7–8 minutes on two idle cores. The
-quick run checks that the loop works; its numbers mean little.
+evaluations, evaluation 165, report and loading 35), i.e. ≈ 7–8 minutes on two idle cores; measured
+end to end on two idle cores: 296 s wall, 534 CPU-s, peak RSS 1.7 GB. The quick run checks that the
+loop works; its numbers mean little.
 
 Adding a method is one entry of :data:`DEMO_METHODS` (a registered method without an entry runs
 with the trainer's defaults, and gets the demo's reward model if its config has a field called
@@ -102,7 +103,9 @@ class DemoMethod:
 #: to fit the time budget. The reward-RL methods (DDPO, PrefPaint) and Diff-Instruct++ maximise the
 #: demo's learned reward (their ``reward`` field, found by itself) on the text-to-image model, with
 #: the dataset's DDIM steps for rollouts and CFG 3 (the world's scale); PrefPaint's inpainting setting
-#: is its own benchmark (benchmarks/prefpaint.py). Not in the default --methods.
+#: is its own benchmark (benchmarks/prefpaint.py). Not in the default --methods: at demo sizes they
+#: cost more than they show (measured: Diff-Instruct++ +340 CPU-s, and its one-step generator after 64
+#: steps scores 0.49 against the base model's 0.85; PrefPaint ≈ 10 s per step of 8 rollouts).
 DEMO_METHODS: dict[str, DemoMethod] = {
     "sft": DemoMethod(),
     "dpo": DemoMethod(("dpo.beta=5000", "dpo.prompt_dropout=0.2")),

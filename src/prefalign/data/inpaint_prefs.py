@@ -23,7 +23,6 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 

@@ -2,15 +2,21 @@
 
 Architecture (``RewardModelConfig``)::
 
-    tokens = [ CLIP(image),  MiniLM(prompt),  CLIP(masked prompt image) ]     # each [B, 384]
-             (the prompt token when ``use_prompt``; the masked-image token when ``inpainting``)
-    tokens = tokens · W_in + type embedding                                   # [B, T, d_model]
+    tokens = [ CLIP(image), stats(image), MiniLM(prompt), CLIP(masked prompt image) ]
+             (CLIP and MiniLM tokens [B, 384] · W_in; stats [B, 640] · W_stats, only with
+             ``image_statistics``; the prompt token when ``use_prompt``; the masked-image token
+             when ``inpainting``)
+    tokens = tokens + type embedding                                          # [B, T, d_model]
     h      = TransformerEncoderLayer(tokens)                                  # [B, T, d_model]
     z      = LinearMLP(concat_T h)          # linear layers + dropout, *no activation*  [B, 256]
     r      = wᵀ z                           # bias-free head                            [B]
 
 CLIP is the world's image encoder (``shapes-clip``; frozen, or its last (1 − fix_rate) blocks
-trained). **Text conditioning** (a choice of this project; PrefPaint's inpainting prompts are
+trained). **Image statistics** (``image_statistics``, a choice of this project, off in PrefPaint):
+a contrastive encoder is trained to map every render of a caption to one point, so the quality cues
+a rater reacts to (blur, noise, contrast, blockiness) are what its embedding discards; the channel
+mean and standard deviation of each residual block of the frozen tower keep them, as one more token
+(see :meth:`~prefalign.rewards.clip.ShapesClip.feature_statistics`). **Text conditioning** (a choice of this project; PrefPaint's inpainting prompts are
 images only): for text-to-image the prompt's frozen MiniLM sentence embedding — the space CLIP's
 images were aligned to — is one more token, so the transformer layer can compare image and prompt
 by attention; a reward model for inpainting adds the masked prompt image token and keeps the
@@ -118,6 +124,11 @@ class RewardModelConfig(BaseModel):
     encoder: str = Field("shapes-clip", description="CLIP image encoder: 'shapes-clip' or a folder from `prefalign pretrain clip`")
     inpainting: bool = Field(False, description="add the masked prompt image as a token (PrefPaint's inpainting reward)")
     use_prompt: bool = Field(True, description="add the prompt's sentence embedding as a token (text-to-image conditioning)")
+    image_statistics: bool = Field(
+        False,
+        description="add a token of the frozen CLIP tower's early-layer statistics (channel mean/std of each residual block): "
+        "the quality cues — blur, noise, contrast, blockiness — that the contrastive embedding is trained to ignore; needs fix_rate 1",
+    )
     d_model: int = Field(384, ge=8)
     num_heads: int = Field(8, ge=1)
     feedforward_dim: int = Field(1024, ge=8)
@@ -148,8 +159,15 @@ class RewardModel(nn.Module, Scorer):
         self.clip = clip if clip is not None else load_clip(self.config.encoder)
         embed = self.clip.config.embed_dim
         c = self.config
-        self.token_kinds = ["image"] + (["prompt"] if c.use_prompt else []) + (["masked_image"] if c.inpainting else [])
+        if c.image_statistics and c.fix_rate < 1:
+            raise PrefalignError("image_statistics needs a frozen encoder (fix_rate 1): the statistics are cached with the embedding")
+        self.token_kinds = (
+            ["image"] + (["image_statistics"] if c.image_statistics else []) + (["prompt"] if c.use_prompt else []) + (["masked_image"] if c.inpainting else [])
+        )
+        self.embed_dim = embed
         self.token_projection = nn.Linear(embed, c.d_model)
+        if c.image_statistics:
+            self.statistics_projection = nn.Sequential(nn.LayerNorm(self.clip.statistics_dim), nn.Linear(self.clip.statistics_dim, c.d_model))
         self.type_embedding = nn.Parameter(torch.zeros(len(self.token_kinds), c.d_model))
         nn.init.normal_(self.type_embedding, std=0.02)
         self.transformer = nn.TransformerEncoderLayer(
@@ -174,11 +192,17 @@ class RewardModel(nn.Module, Scorer):
 
     def cache_input(self, images: torch.Tensor) -> torch.Tensor:
         """What the trainable part of the encoder starts from (no gradients): the CLIP embedding
-        [B, D] when the encoder is frozen, else the activation entering the first trained block."""
+        [B, D] when the encoder is frozen (with ``image_statistics``: [embedding, statistics]
+        [B, D + S]), else the activation entering the first trained block."""
         with torch.no_grad():
-            if self.encoder_frozen:
-                return self.clip.encode_images(images)
-            return self.clip.block_input(images, self.frozen_blocks)
+            return self._image_input(images) if self.encoder_frozen else self.clip.block_input(images, self.frozen_blocks)
+
+    def _image_input(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP embedding [B, D], followed by the tower's statistics when ``image_statistics``."""
+        embedding = self.clip.encode_images(images)
+        if not self.config.image_statistics:
+            return embedding
+        return torch.cat([embedding, self.clip.feature_statistics(images)], 1)
 
     def embed_cached(self, cached: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`cache_input`: the CLIP embedding [B, D] (with gradients to trained blocks)."""
@@ -191,17 +215,23 @@ class RewardModel(nn.Module, Scorer):
 
     # ---- features and reward ------------------------------------------------------------------
     def features_from_embeddings(self, image: torch.Tensor, prompt: torch.Tensor | None = None, masked_image: torch.Tensor | None = None) -> torch.Tensor:
-        """z [B, feature_dim] from the token embeddings (each [B, D])."""
-        tokens = [image]
+        """z [B, feature_dim] from the token embeddings (each [B, D]; the image's is [B, D + S] with
+        ``image_statistics``, as :meth:`cache_input` gives it)."""
+        D = self.embed_dim
+        tokens = [self.token_projection(image[:, :D])]
+        if self.config.image_statistics:
+            if image.shape[1] == D:
+                raise PrefalignError("this reward model also reads the encoder's statistics; pass cache_input(images), not the bare embedding")
+            tokens.append(self.statistics_projection(image[:, D:]))
         if self.config.use_prompt:
             if prompt is None:
                 raise PrefalignError("this reward model is conditioned on the prompt; pass prompts")
-            tokens.append(prompt.to(image.dtype))
+            tokens.append(self.token_projection(prompt.to(image.dtype)))
         if self.config.inpainting:
             if masked_image is None:
                 raise PrefalignError("this is an inpainting reward model; pass masked_images (the masked prompt images)")
-            tokens.append(masked_image)
-        x = self.token_projection(torch.stack(tokens, 1)) + self.type_embedding  # [B, T, d_model]
+            tokens.append(self.token_projection(masked_image[:, :D]))
+        x = torch.stack(tokens, 1) + self.type_embedding  # [B, T, d_model]
         h = self.transformer(x)  # [B, T, d_model]
         return self.mlp(h.flatten(1))  # [B, feature_dim]
 
@@ -212,7 +242,7 @@ class RewardModel(nn.Module, Scorer):
     def features(self, images: torch.Tensor, prompts: Sequence[str] | None = None, masked_images: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         """z [B, feature_dim]; differentiable w.r.t. ``images`` (and ``masked_images``)."""
         device = self.head.weight.device
-        image = self.clip.encode_images(images.to(device))
+        image = self._image_input(images.to(device))
         prompt = self.prompt_embeddings(prompts if prompts is not None else [""] * images.shape[0]) if self.config.use_prompt else None
         masked = self.clip.encode_images(masked_images.to(device)) if (self.config.inpainting and masked_images is not None) else None
         return self.features_from_embeddings(image, prompt, masked)
