@@ -340,13 +340,14 @@ def test_reward_commands(tmp_path):
     app = typer.Typer()
     app.add_typer(reward.app, name="reward")
     runner = CliRunner()
-    args = ["reward", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "rm"), "--encoder", str(clip_dir), "--epochs", "2", "--json"]
+    args = ["reward", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "rm"), "--encoder", str(clip_dir), "--epochs", "2", "--json", "--image-statistics"]
     args += ["--set", "model.d_model=32", "--set", "model.num_heads=2", "--set", "model.feature_dim=16", "--set", "model.mlp_dims=[32]", "--set", "tensorboard=false"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{") :])
     assert summary["objective"] == "pairwise" and "accuracy" in summary["test"]
-    assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["config"]["feature_dim"] == 16
+    saved = json.loads((tmp_path / "rm" / "reward_model.json").read_text())["config"]
+    assert saved["feature_dim"] == 16 and saved["image_statistics"] is True
     assert "Evaluation" in (tmp_path / "rm" / "README.md").read_text()
     result = runner.invoke(app, ["reward", "eval", str(tmp_path / "rm"), "--data", str(tmp_path / "data"), "--json", "--plot", str(tmp_path / "f.png")])
     assert result.exit_code == 0, result.output

@@ -65,6 +65,10 @@ def train(
     learning_rate: float = typer.Option(None, help="AdamW learning rate (default 3e-4)"),
     fix_rate: float = typer.Option(None, help="share of CLIP blocks kept frozen (default 1 = frozen; reference code 0.7)"),
     encoder: str = typer.Option(None, help="CLIP encoder: shapes-clip (default) or a folder"),
+    image_statistics: bool = typer.Option(
+        None, "--image-statistics/--no-image-statistics",
+        help="add a token of the frozen encoder's early-layer statistics (quality cues the CLIP embedding ignores; needs fix_rate 1; default off, as PrefPaint)",
+    ),
     split: str = typer.Option(None, help="split to train on (default train)"),
     seed: int = typer.Option(None, help="seed (default 0)"),
     config: Path = typer.Option(None, help="YAML file of RewardTrainConfig fields (model.* for the architecture)"),
@@ -76,7 +80,7 @@ def train(
     from prefalign.rewards.training import RewardTrainConfig, train_reward_model
 
     explicit = {"objective": objective, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "split": split, "seed": seed}
-    model_explicit = {"fix_rate": fix_rate, "encoder": encoder}
+    model_explicit = {"fix_rate": fix_rate, "encoder": encoder, "image_statistics": image_statistics}
     cfg = _validated(RewardTrainConfig, _merged_settings(config, set_, explicit, model_explicit))
     model, summary = train_reward_model(data, out, cfg)
     result = {k: v for k, v in summary.items() if k not in ("history", "train_config")}
