@@ -317,6 +317,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--reward", default=None, help="a learned reward (folder or module:function) for the reward win rate")
     parser.add_argument("--styles", nargs="*", default=["winter", "sketch", "starry"])
+    parser.add_argument("--name", default=None, help="results file benchmarks/results/NAME.json (default alignment[-quick]); e.g. one per seed run in parallel")
     parser.add_argument("--style-methods", nargs="*", default=["sft", "dpo", "rpo"], help="methods of the style-alignment table")
     parser.add_argument("--style-pairs", type=int, default=2000)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra key=value override for every run")
@@ -376,7 +377,7 @@ def main() -> None:
             })
         return rows, curves, speed
 
-    name = "alignment-quick" if args.quick else "alignment"
+    name = args.name or ("alignment-quick" if args.quick else "alignment")
 
     def save(style_rows: list, complete: bool) -> Path:
         """Results so far (after every run, so a long benchmark cut short still leaves its numbers)."""
