@@ -37,19 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from _common import run_isolated, table, write_json  # noqa: E402
 
+from prefalign.evaluation import wilson_interval  # noqa: E402  (95 % Wilson interval, ties count ½)
+
 METHODS = ("sft", "dpo", "rpo", "inpo")
-
-
-# --------------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------------
-
-
-def wilson(successes: float, n: int) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (ties count ½): the library's."""
-    from prefalign.evaluation import wilson_interval
-
-    return wilson_interval(successes, n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +245,7 @@ def summarise(method: str, runs: list[dict[str, Any]], base: dict[str, Any], set
         attributes.append(sum(ev["attributes"]) / len(ev["attributes"]))
         if "reward" in ev:
             reward_wins.append(win_rate(ev["reward"], base[set_name]["reward"]))
-    low, high = wilson(wins, n)
+    low, high = wilson_interval(wins, n)
     row = {
         "method": method,
         "set": set_name,

@@ -45,12 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from _common import table, write_json  # noqa: E402
 
-
-def wilson(successes: float, n: int) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (ties count ½): the library's."""
-    from prefalign.evaluation import wilson_interval
-
-    return wilson_interval(successes, n)
+from prefalign.evaluation import wilson_interval  # noqa: E402  (95 % Wilson interval, ties count ½)
 
 
 def held_out_prompts(count: int, seed: int, split: str = "held_out") -> list[str]:
@@ -166,7 +161,7 @@ def evaluate(name: str, backbone, steps: int, guidance: float, prompts: list[str
     }
     if base is not None:
         wins = (scores > base["scores"]).float() + 0.5 * (scores == base["scores"]).float()
-        low, high = wilson(float(wins.sum()), len(prompts))
+        low, high = wilson_interval(float(wins.sum()), len(prompts))
         row.update({"win_rate": float(wins.mean()), "ci95_low": low, "ci95_high": high})
     row["_scores"] = scores
     # diversity: K seeds for each of the first P prompts

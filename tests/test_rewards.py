@@ -170,7 +170,8 @@ def test_image_statistics_token_sees_what_the_embedding_ignores(tmp_path):
     frozen encoder; a saved model loads back with it."""
     clip = tiny_clip()
     images = torch.rand(4, 3, 16, 16)
-    stats = clip.feature_statistics(images)
+    embedding, stats = clip.encode_images_with_statistics(images)
+    torch.testing.assert_close(embedding, clip.encode_images(images))
     assert stats.shape == (4, clip.statistics_dim) and clip.statistics_dim == 2 * (8 + 8 + 8 + 8)
     x, expected = clip._input(images), []
     for block in clip.blocks:
@@ -187,7 +188,7 @@ def test_image_statistics_token_sees_what_the_embedding_ignores(tmp_path):
     torch.testing.assert_close(direct, via_cache)
     # a blurred image keeps much of its embedding but moves its statistics
     blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
-    assert not torch.allclose(clip.feature_statistics(blurred), stats, atol=1e-3)
+    assert not torch.allclose(clip.encode_images_with_statistics(blurred)[1], stats, atol=1e-3)
     with pytest.raises(PrefalignError, match="bare embedding"):
         model.features_from_embeddings(clip.encode_images(images), model.prompt_embeddings([PROMPT] * 4))
     with pytest.raises(PrefalignError, match="fix_rate 1"):

@@ -141,25 +141,24 @@ class ShapesClip(nn.Module):
 
     forward = encode_images
 
-    def feature_statistics(self, images: torch.Tensor) -> torch.Tensor:
-        """Channel-wise mean and standard deviation of every residual block's output, concatenated
-        [B, 2·Σ channels] (no gradients needed; differentiable all the same). The contrastive
-        embedding is trained to be invariant to what a caption does not say — blur, noise, contrast,
-        blockiness — and these early-layer statistics keep exactly that (a texture descriptor in
-        the style of Gram/AdaIN statistics)."""
+    def encode_images_with_statistics(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the tower: the normalised embedding [B, D] (as :meth:`encode_images`) and the
+        channel-wise mean and standard deviation of every residual block's output, concatenated
+        [B, 2·Σ channels]. The contrastive embedding is trained to be invariant to what a caption
+        does not say — blur, noise, contrast, blockiness — and these early-layer statistics keep
+        exactly that (a texture descriptor in the style of Gram/AdaIN statistics)."""
         x = self._input(images)
         stats = []
         for block in self.blocks:
             x = block(x)
             if isinstance(block, ResidualBlock):
                 stats += [x.mean((2, 3)), x.std((2, 3))]
-        return torch.cat(stats, 1)
+        return F.normalize(self.head(x), dim=-1), torch.cat(stats, 1)
 
     @property
     def statistics_dim(self) -> int:
-        """Width of :meth:`feature_statistics`: 2 × the channels of each residual block."""
-        c = self.config.channels
-        return 2 * (c[0] + sum(c[1:]))
+        """Width of the statistics: 2 × the channels of each residual block (one per stage)."""
+        return 2 * sum(self.config.channels)
 
     def block_input(self, images: torch.Tensor, block: int) -> torch.Tensor:
         """The activation entering ``blocks[block]`` (used to cache the frozen part of the tower)."""

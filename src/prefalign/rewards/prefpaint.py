@@ -16,7 +16,7 @@ trained). **Image statistics** (``image_statistics``, a choice of this project, 
 a contrastive encoder is trained to map every render of a caption to one point, so the quality cues
 a rater reacts to (blur, noise, contrast, blockiness) are what its embedding discards; the channel
 mean and standard deviation of each residual block of the frozen tower keep them, as one more token
-(see :meth:`~prefalign.rewards.clip.ShapesClip.feature_statistics`). **Text conditioning** (a choice of this project; PrefPaint's inpainting prompts are
+(see :meth:`~prefalign.rewards.clip.ShapesClip.encode_images_with_statistics`). **Text conditioning** (a choice of this project; PrefPaint's inpainting prompts are
 images only): for text-to-image the prompt's frozen MiniLM sentence embedding — the space CLIP's
 images were aligned to — is one more token, so the transformer layer can compare image and prompt
 by attention; a reward model for inpainting adds the masked prompt image token and keeps the
@@ -199,10 +199,9 @@ class RewardModel(nn.Module, Scorer):
 
     def _image_input(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP embedding [B, D], followed by the tower's statistics when ``image_statistics``."""
-        embedding = self.clip.encode_images(images)
         if not self.config.image_statistics:
-            return embedding
-        return torch.cat([embedding, self.clip.feature_statistics(images)], 1)
+            return self.clip.encode_images(images)
+        return torch.cat(self.clip.encode_images_with_statistics(images), 1)
 
     def embed_cached(self, cached: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`cache_input`: the CLIP embedding [B, D] (with gradients to trained blocks)."""
