@@ -12,6 +12,10 @@ from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+from prefalign.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the command line does (every benchmark process, spawned children included)
+
 
 def machine() -> dict[str, Any]:
     import torch

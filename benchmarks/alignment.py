@@ -40,6 +40,7 @@ from _common import run_isolated, table, write_json  # noqa: E402
 from prefalign.evaluation import wilson_interval  # noqa: E402  (95 % Wilson interval, ties count ½)
 
 METHODS = ("sft", "dpo", "rpo", "inpo")
+STYLE_COLUMNS = ["style", "method", "overrides", "style_share", "base_style_share", "colour_accuracy", "shape_accuracy"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,6 +224,22 @@ def base_evaluation(model: str, eval_sets: dict[str, list[str]], seed: int, step
     return out
 
 
+def cached_base_evaluation(out: Path, model: str, eval_sets: dict[str, list[str]], seed: int, steps: int, guidance: float, reward: str | None, device: str) -> dict[str, Any]:
+    """:func:`base_evaluation`, kept in ``out`` under a hash of its inputs, so that benchmark runs of
+    other seeds or methods in the same work folder (e.g. in parallel) share one base evaluation."""
+    import hashlib
+
+    key = json.dumps([model, eval_sets, seed, steps, guidance, reward], sort_keys=True)
+    path = out / f"base-evaluation-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    base = base_evaluation(model, eval_sets, seed, steps, guidance, reward, device)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(base))
+    temporary.replace(path)
+    return base
+
+
 # --------------------------------------------------------------------------------------------------
 # Summaries
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +270,7 @@ def summarise(method: str, runs: list[dict[str, Any]], base: dict[str, Any], set
         "ci95_low": low,
         "ci95_high": high,
         "win_rate_per_seed": per_seed,
+        "prompts": n // max(1, len(runs)),
         "annotator_score": sum(scores) / len(scores),
         "base_score": sum(base[set_name]["scores"]) / len(base[set_name]["scores"]),
         "attribute_accuracy": sum(attributes) / len(attributes),
@@ -296,7 +314,7 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-t2i")
     parser.add_argument("--data", type=Path, default=None, help="a pairwise dataset (default: make one with prefs make)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default runs/bench-alignment[-quick])")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="config names in configs/ (e.g. inpo-reference)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="config names in configs/ (e.g. inpo-reference); none: style runs only")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--pairs-prompts", type=int, default=800, help="prompts for prefs make (4 images each → 6 pairs: 4800, ~4300 without ties)")
@@ -310,6 +328,7 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="results file benchmarks/results/NAME.json (default alignment[-quick]); e.g. one per seed run in parallel")
     parser.add_argument("--style-methods", nargs="*", default=["sft", "dpo", "rpo"], help="methods of the style-alignment table")
     parser.add_argument("--style-pairs", type=int, default=2000)
+    parser.add_argument("--style-set", dest="style_overrides", action="append", default=[], help="extra key=value override for the style runs only (e.g. dpo.beta=500); tags their run folders")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra key=value override for every run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
@@ -340,7 +359,7 @@ def main() -> None:
         "held_out_combinations": eval_prompts(max(16, args.eval_prompts // 4), 54321, captions, "held_out"),
     }
     eval_seed = 777
-    base = base_evaluation(model, eval_sets, eval_seed, args.sampling_steps, args.guidance, args.reward, args.device)
+    base = cached_base_evaluation(out, model, eval_sets, eval_seed, args.sampling_steps, args.guidance, args.reward, args.device)
     overrides = [
         f"eval.every={args.eval_every}", f"eval.prompts={args.curve_prompts}", f"eval.sampling_steps={args.sampling_steps}",
         f"eval.guidance_scale={args.guidance}", "logging.progress=false", f"device={args.device}", *args.overrides,
@@ -386,9 +405,11 @@ def main() -> None:
             plain = eval_sets["held_out_prompts"][: max(16, args.eval_prompts // 4)]
             base_share = base["held_out_prompts"]["style_counts"].get(style, 0) / len(eval_sets["held_out_prompts"])
             for method in args.style_methods:
+                tag = "".join(f"-{o.replace('=', '').replace('.', '_').replace('/', '_')}" for o in args.style_overrides)
                 job = {
                     "config": method, "model": model, "data": str(style_data), "steps": args.steps, "seed": args.seeds[0],
-                    "overrides": overrides + ["eval.every=0", "eval.annotator=false"], "run_dir": str(out / "style-runs" / f"{style}-{method}"),
+                    "overrides": overrides + ["eval.every=0", "eval.annotator=false", *args.style_overrides],
+                    "run_dir": str(out / "style-runs" / f"{style}-{method}{tag}"),
                     "device": args.device, "threads": args.threads, "eval_sets": {"plain": plain}, "eval_seed": eval_seed,
                     "sampling_steps": args.sampling_steps, "guidance": args.guidance, "reward": None, "measure_overhead": False, "style": style,
                 }
@@ -397,6 +418,7 @@ def main() -> None:
                 style_rows.append({
                     "style": style, "method": method, "style_share": ev["style_share"], "base_style_share": base_share,
                     "colour_accuracy": sum(ev["colour"]) / len(ev["colour"]), "shape_accuracy": sum(ev["shape"]) / len(ev["shape"]),
+                    "overrides": args.style_overrides, "final_train": result["final_train"],
                 })
                 save(style_rows, complete=False)
 
@@ -431,7 +453,7 @@ def main() -> None:
         print(f"{method:>6}: " + "  ".join(f"{s}:{v:.2f}" for s, v in curve))
     if style_rows:
         print()
-        print(table(style_rows))
+        print(table(style_rows, STYLE_COLUMNS))
     print(f"\nwritten to {path}")
 
 

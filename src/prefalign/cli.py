@@ -52,6 +52,9 @@ _register()
 
 
 def main() -> None:
+    from prefalign.allocator import keep_freed_memory
+
+    keep_freed_memory()  # ~16 % faster CPU sampling; PREFALIGN_MALLOC=default opts out
     try:
         app()
     except PrefalignError as error:
