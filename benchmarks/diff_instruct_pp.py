@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--name", default=None, help="results file benchmarks/results/NAME.json (default diff_instruct_pp[-quick]); e.g. for a partial or timing run")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.batch_size, args.prompts = min(args.steps, 4), min(args.batch_size, 4), min(args.prompts, 16)
@@ -253,7 +254,7 @@ def main() -> None:
         bar = {"win_rate>=0.60": dipp["win_rate"] >= 0.60, "speed_up>=30": dipp["speed_up"] >= 30}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["eval_reward"] = eval_reward
-    path = write_json("diff_instruct_pp" + ("-quick" if args.quick else ""), {"settings": settings, "rows": rows, "bar": bar})
+    path = write_json(args.name or ("diff_instruct_pp" + ("-quick" if args.quick else "")), {"settings": settings, "rows": rows, "bar": bar})
     columns = ["model", "alpha_rew", "omega", "steps", "win_rate", "ci95_low", "ci95_high", "annotator_score", "attribute_accuracy", "all_attributes",
                "clip_score", "learned_reward", "diversity_pixel", "diversity_clip", "images_per_s", "speed_up"]
     print(table(rows, columns))
