@@ -281,6 +281,11 @@ def summarise(method: str, runs: list[dict[str, Any]], base: dict[str, Any], set
     return row
 
 
+def steps_to_reach(curve: list, target: float | None) -> int | None:
+    """First step of a (step, win rate) curve at or above ``target`` (DPO's final value); None if never."""
+    return next((step for step, value in curve if target is not None and value >= target), None)
+
+
 def mean_curve(runs: list[dict[str, Any]]) -> list[tuple[int, float]]:
     by_step: dict[int, list[float]] = {}
     for run in runs:
@@ -375,7 +380,7 @@ def main() -> None:
         dpo_final = curves.get("dpo", [])[-1][1] if curves.get("dpo") else None
         speed = []
         for method, runs in results.items():
-            reach = next((step for step, value in curves[method] if dpo_final is not None and value >= dpo_final), None)
+            reach = steps_to_reach(curves[method], dpo_final)
             speed.append({
                 "method": method,
                 "step_time_s": sum(r["step_time_s"] for r in runs) / len(runs),

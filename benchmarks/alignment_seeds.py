@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, table, write_json  # noqa: E402
-from alignment import STYLE_COLUMNS  # noqa: E402
+from alignment import STYLE_COLUMNS, steps_to_reach  # noqa: E402
 
 from prefalign.evaluation import wilson_interval  # noqa: E402
 
@@ -42,6 +42,11 @@ def prompts_per_seed(row: dict[str, Any], settings: dict[str, Any]) -> int:
         return int(row["prompts"])
     count = int(settings["eval_prompts"])
     return count if row["set"] == "held_out_prompts" else max(16, count // 4)
+
+
+def seeds_in(results: dict[str, Any], method: str) -> int:
+    """Seeds of ``method`` in one results file (0 if it has none)."""
+    return next((len(r["win_rate_per_seed"]) for r in results["win_rates"] if r["method"] == method and r["set"] == "held_out_prompts"), 0)
 
 
 def pool(files: list[dict[str, Any]]) -> dict[str, Any]:
@@ -74,26 +79,26 @@ def pool(files: list[dict[str, Any]]) -> dict[str, Any]:
             "base_score": entries[0][0]["base_score"], "base_attribute_accuracy": entries[0][0]["base_attribute_accuracy"],
         })
 
-    runs_of = {r["method"]: r["seeds"] for r in rows if r["set"] == "held_out_prompts"}
+    methods = [r["method"] for r in rows if r["set"] == "held_out_prompts"]
     curves: dict[str, list[list[float]]] = {}
-    for method in runs_of:
+    for method in methods:
         by_step: dict[int, list[tuple[float, int]]] = {}
         for f in files:
-            seeds = next((len(r["win_rate_per_seed"]) for r in f["win_rates"] if r["method"] == method and r["set"] == "held_out_prompts"), 0)
+            seeds = seeds_in(f, method)
             for step, value in f["curves"].get(method, []):
                 by_step.setdefault(int(step), []).append((value, seeds))
         curves[method] = [[step, sum(v * w for v, w in values) / sum(w for _, w in values)] for step, values in sorted(by_step.items())]
     dpo_final = curves["dpo"][-1][1] if curves.get("dpo") else None
     speed = []
-    for method in runs_of:
-        entries = [(s, next(len(r["win_rate_per_seed"]) for r in f["win_rates"] if r["method"] == method)) for f in files for s in f["speed"] if s["method"] == method]
+    for method in methods:
+        entries = [(s, seeds_in(f, method)) for f in files for s in f["speed"] if s["method"] == method]
         total = sum(w for _, w in entries)
         speed.append({
             "method": method,
             "step_time_s": sum(s["step_time_s"] * w for s, w in entries) / total,
             "overhead_ratio": sum(s["overhead_ratio"] * w for s, w in entries) / total,
             "peak_rss_mib": max(s["peak_rss_mib"] for s, _ in entries),
-            "steps_to_dpo_final_win_rate": next((step for step, value in curves[method] if dpo_final is not None and value >= dpo_final), None),
+            "steps_to_dpo_final_win_rate": steps_to_reach(curves[method], dpo_final),
         })
     style = [row for f in files for row in f.get("style", [])]
     return {"settings": reference, "win_rates": rows, "curves": curves, "speed": speed, "style": style}
