@@ -95,7 +95,7 @@ def run_variant(args, name: str, seed: int, reward: Path) -> dict:
     folder = Path(args.work) / f"{name}-seed{seed}"
     started = time.time()
     finished = folder / "metrics.json"
-    if finished.is_file() and json.loads(finished.read_text()).get("status") == "finished" and json.loads(finished.read_text())["steps"] == config.steps:
+    if reusable(folder, config):
         metrics = json.loads(finished.read_text())  # a finished run of these settings: reuse it
         result = type("Result", (), {"metrics": metrics, "export_path": folder / "export"})
     else:
@@ -107,6 +107,18 @@ def run_variant(args, name: str, seed: int, reward: Path) -> dict:
     if 0 in evaluations:
         curve.insert(0, {"step": 0, **{k: v for k, v in evaluations[0].items() if k.startswith("policy_")}})
     return {"variant": name, "seed": seed, "export": str(result.export_path), "curve": curve, "wall_s": time.time() - started}
+
+
+def reusable(folder: Path, config) -> bool:
+    """A finished run in ``folder`` with the same steps and settings (its saved config.yaml)."""
+    from prefalign.training.config import config_differences, config_from_yaml_text
+
+    finished, saved = folder / "metrics.json", folder / "config.yaml"
+    if not (finished.is_file() and saved.is_file()):
+        return False
+    metrics = json.loads(finished.read_text())
+    same = not config_differences(config_from_yaml_text(saved.read_text()), config)
+    return metrics.get("status") == "finished" and metrics.get("steps") == config.steps and same
 
 
 def policy_hook(args, reward: Path):
@@ -227,6 +239,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10, help="S: samples per evaluation prompt and model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, prompts and evaluation noise")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--name", default=None, help="results file benchmarks/results/NAME.json (+ NAME_curves.png; default prefpaint[_quick]), e.g. one per learning rate")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole protocol")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args()
@@ -276,8 +289,9 @@ def main() -> None:
     print()
     print(table(finals))
     print("bar (learned-reward win@1 ≥ 0.70):", bar)
-    plot = plot_curves(runs, RESULTS / "prefpaint_curves.png")
-    path = write_json("prefpaint" + ("_quick" if args.quick else ""), {
+    name = args.name or ("prefpaint_quick" if args.quick else "prefpaint")
+    plot = plot_curves(runs, RESULTS / f"{name}_curves.png")
+    path = write_json(name, {
         "settings": vars(args), "data": str(data), "reward": str(reward), "protocol": rows, "training": finals,
         "curves": runs, "bar": bar, "plot": str(plot) if plot else None, "wall_s": time.time() - started,
     })
