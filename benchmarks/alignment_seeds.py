@@ -6,7 +6,8 @@ reads those files (same settings: data, steps, evaluation prompts and seeds — 
 
 - per method and prompt set: the win rate of every seed, the pooled win rate over prompts × seeds
   with its 95 % Wilson interval, the mean and spread (max − min) over seeds, and the seed-weighted
-  mean annotator score and attribute accuracy;
+  mean annotator score and attribute accuracy; the win rate under the learned reward, averaged over
+  the seeds of the files run with ``--reward`` (``reward_seeds`` says how many);
 - the mean curves over all seeds and, from them, the steps each method needs to reach DPO's final
   win rate; step time, overhead ratio and peak memory averaged over runs;
 - the style-alignment rows of every file.
@@ -72,11 +73,17 @@ def pool(files: list[dict[str, Any]]) -> dict[str, Any]:
             for key in weighted:
                 weighted[key] += row[key] * len(row["win_rate_per_seed"])
         low, high = wilson_interval(successes, n)
+        rewarded = [(row["reward_win_rate"], len(row["win_rate_per_seed"])) for row, _ in entries if "reward_win_rate" in row]
+        reward = {}
+        if rewarded:  # only the files run with --reward: their seed-weighted mean and how many seeds it covers
+            seeds = sum(w for _, w in rewarded)
+            reward = {"reward_win_rate": sum(v * w for v, w in rewarded) / seeds, "reward_seeds": seeds}
         rows.append({
             "method": method, "set": set_name, "seeds": len(per_seed), "win_rate": successes / n, "ci95_low": low, "ci95_high": high,
             "seed_mean": sum(per_seed) / len(per_seed), "seed_spread": max(per_seed) - min(per_seed), "win_rate_per_seed": per_seed,
             **{key: value / len(per_seed) for key, value in weighted.items()},
             "base_score": entries[0][0]["base_score"], "base_attribute_accuracy": entries[0][0]["base_attribute_accuracy"],
+            **reward,
         })
 
     methods = [r["method"] for r in rows if r["set"] == "held_out_prompts"]
@@ -112,7 +119,10 @@ def main() -> None:
     files = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.inputs]
     pooled = pool(files)
     path = write_json(args.name, {"inputs": args.inputs, **pooled})
-    print(table(pooled["win_rates"], ["method", "set", "seeds", "win_rate", "ci95_low", "ci95_high", "seed_mean", "seed_spread", "annotator_score", "base_score", "attribute_accuracy"]))
+    columns = ["method", "set", "seeds", "win_rate", "ci95_low", "ci95_high", "seed_mean", "seed_spread", "annotator_score", "base_score", "attribute_accuracy"]
+    if any("reward_win_rate" in r for r in pooled["win_rates"]):
+        columns += ["reward_win_rate", "reward_seeds"]
+    print(table(pooled["win_rates"], columns))
     print()
     print(table(pooled["speed"]))
     for method, curve in pooled["curves"].items():
