@@ -94,9 +94,8 @@ def run_variant(args, name: str, seed: int, reward: Path) -> dict:
     config = config.model_copy(update={"steps": args.iterations * per_iteration})
     folder = Path(args.work) / f"{name}-seed{seed}"
     started = time.time()
-    finished = folder / "metrics.json"
-    if reusable(folder, config):
-        metrics = json.loads(finished.read_text())  # a finished run of these settings: reuse it
+    metrics = finished_metrics(folder, config)
+    if metrics is not None:  # a finished run of these settings: reuse it
         result = type("Result", (), {"metrics": metrics, "export_path": folder / "export"})
     else:
         result = Trainer(config, folder, hooks=[policy_hook(args, reward)]).train(resume=any(folder.glob("checkpoints/step-*")))
@@ -109,16 +108,17 @@ def run_variant(args, name: str, seed: int, reward: Path) -> dict:
     return {"variant": name, "seed": seed, "export": str(result.export_path), "curve": curve, "wall_s": time.time() - started}
 
 
-def reusable(folder: Path, config) -> bool:
-    """A finished run in ``folder`` with the same steps and settings (its saved config.yaml)."""
+def finished_metrics(folder: Path, config) -> dict | None:
+    """metrics.json of a finished run in ``folder`` with the same steps and settings (its saved
+    config.yaml), else None."""
     from prefalign.training.config import config_differences, config_from_yaml_text
 
     finished, saved = folder / "metrics.json", folder / "config.yaml"
     if not (finished.is_file() and saved.is_file()):
-        return False
+        return None
     metrics = json.loads(finished.read_text())
     same = not config_differences(config_from_yaml_text(saved.read_text()), config)
-    return metrics.get("status") == "finished" and metrics.get("steps") == config.steps and same
+    return metrics if metrics.get("status") == "finished" and metrics.get("steps") == config.steps and same else None
 
 
 def policy_hook(args, reward: Path):
