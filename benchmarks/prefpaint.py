@@ -88,7 +88,7 @@ def run_variant(args, name: str, seed: int, reward: Path) -> dict:
         "finetune.mode=full", "grad_clip=0", f"optimizer.learning_rate={args.lr * lr_factor}", "optimizer.weight_decay=0.01",
         "logging.every=1", f"logging.progress={args.progress}", "eval.annotator=false", "checkpoint.every=1000", f"threads={args.threads}",
         f"eval.every={args.eval_every}",
-    ]
+    ] + variant_overrides(args.overrides, method)
     config = load_align_config(None, overrides, method=method, model=args.model, batch_size=args.batch_size, seed=seed)
     per_iteration = get_method(method)(config.method_config()).steps_per_iteration(config)
     config = config.model_copy(update={"steps": args.iterations * per_iteration})
@@ -106,6 +106,21 @@ def run_variant(args, name: str, seed: int, reward: Path) -> dict:
     if 0 in evaluations:
         curve.insert(0, {"step": 0, **{k: v for k, v in evaluations[0].items() if k.startswith("policy_")}})
     return {"variant": name, "seed": seed, "export": str(result.export_path), "curve": curve, "wall_s": time.time() - started}
+
+
+def variant_overrides(overrides: list[str], method: str) -> list[str]:
+    """The ``--set`` overrides that apply to a variant of ``method``: trainer keys (``optimizer.…``) go
+    to every variant, method keys only to their own method (``prefpaint.trust_k=3.5`` leaves DDPO as
+    it is, so the variants still differ in their sample weights alone)."""
+    methods = {m for m, _, _ in VARIANTS.values()} | {"rl"}
+    chosen = []
+    for override in overrides:
+        prefix = override.split("=", 1)[0].split(".", 1)[0]
+        if prefix == "rl":  # options of both RL methods (RLConfig): rl.sampler_refresh=1 → ddpo.… / prefpaint.…
+            chosen.append(f"{method}.{override.split('.', 1)[1]}")
+        elif prefix not in methods or prefix == method:
+            chosen.append(override)
+    return chosen
 
 
 def finished_metrics(folder: Path, config) -> dict | None:
@@ -240,6 +255,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, prompts and evaluation noise")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--name", default=None, help="results file benchmarks/results/NAME.json (+ NAME_curves.png; default prefpaint[_quick]), e.g. one per learning rate")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override of the runs (repeatable): trainer keys apply to every variant, "
+                        "rl.KEY to both RL methods, prefpaint.KEY / ddpo.KEY to that method only (e.g. prefpaint.trust_k=3.5)")
+    parser.add_argument("--no-protocol", dest="protocol", action="store_false",
+                        help="training curves only (e.g. a learning-rate sweep): skip the win-rate protocol against the base model")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole protocol")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args()
@@ -259,11 +279,12 @@ def main() -> None:
     runs = [run_variant(args, name, seed, reward) for seed in args.seeds for name in args.variants]
 
     scorer, annotator = load_scorer(str(reward)), Annotator()
-    items = eval_prompts(args, load_backbone(args.model).latent_shape[-1])
-    base = sample_scores(args.model, items, args, scorer, annotator)
     rows = []
+    if args.protocol:
+        items = eval_prompts(args, load_backbone(args.model).latent_shape[-1])
+        base = sample_scores(args.model, items, args, scorer, annotator)
     for run in runs:
-        if run["seed"] != args.seeds[0]:
+        if run["seed"] != args.seeds[0] or not args.protocol:
             continue  # the protocol on the first seed's models; curves cover every seed
         for row in compare(sample_scores(run["export"], items, args, scorer, annotator), base, items.kinds):
             rows.append({"variant": run["variant"], **row})
