@@ -17,10 +17,14 @@
    the test split + the evaluation set together: Spearman's ρ of |reward error| (reward mapped
    affinely onto the annotator score) with ‖z‖_{V⁻¹} (bar: > 0, with a bootstrap 95 % interval)
    and PrefPaint's Fig. 2 (upper line, β_δ).
+4. ``--oracle-labels`` (a diagnostic, not a contestant for the bar): every model again, trained on
+   the same pairs relabelled by the noiseless annotator. Its accuracy on the test split's noisy
+   labels, and its ``true_order_acc`` (agreement with the noiseless order), separate the two limits
+   of a reward model: label noise in the training data, and what the encoder's features can tell.
 
     python benchmarks/reward_model.py [--prompts 420] [--per-prompt 5] [--steps 10] [--fix-rates 1.0 0.7]
 
-Prints tables and writes benchmarks/results/reward_model.json (+ reward_model_fig2_fix*.png). Data
+Prints tables and writes benchmarks/results/reward_model.json (+ NAME_fig2_fix*.png, NAME from --name). Data
 and models go to --work (default runs/bench-reward) and are reused when present (--fresh rebuilds).
 """
 
@@ -143,7 +147,7 @@ def main() -> None:
     parser.add_argument("--name", default="reward_model", help="results file benchmarks/results/NAME.json")
     parser.add_argument("--image-statistics", action="store_true", help="also train a frozen-encoder model with the image-statistics token")
     parser.add_argument("--oracle-labels", action="store_true",
-                        help="also train a frozen-encoder model on the train split relabelled by the noiseless annotator "
+                        help="also train every model on the train split relabelled by the noiseless annotator "
                         "(a diagnostic: is the accuracy limited by label noise or by the features?)")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--clip-renders", type=int, default=512)
@@ -167,8 +171,8 @@ def main() -> None:
     annotator = AnnotatorScorer("balanced")
     rows, group_rows, details = [], [], {}
     variants = [(f, False, False) for f in args.fix_rates] + ([(1.0, True, False)] if args.image_statistics else [])
-    if args.oracle_labels:
-        variants += [(1.0, statistics, True) for statistics in (False, True)]
+    if args.oracle_labels:  # the same models again, trained on noiseless labels
+        variants += [(f, statistics, True) for f, statistics, _ in variants]
         oracle = oracle_relabelled(data, args.work / "pairs-oracle")
     for fix_rate, statistics, noiseless in variants:
         name = f"rm-fix{fix_rate:g}" + ("-stats" if statistics else "") + ("-oracle" if noiseless else "")
@@ -193,7 +197,7 @@ def main() -> None:
         flags = in_distribution_flags(prompts)
         union["error_bound_spearman_ci95"] = bootstrap_spearman(errors, bounds.numpy(), seed=args.seed)
         plot = plot_error_vs_bound(
-            bounds.numpy(), errors, flags, union["upper_line"], RESULTS / f"reward_model_fig2_{name.removeprefix('rm-')}.png",
+            bounds.numpy(), errors, flags, union["upper_line"], RESULTS / f"{args.name}_fig2_{name.removeprefix('rm-')}.png",
             title=f"PrefPaint Fig. 2 on the shapes world (fix_rate {variant})", beta_delta=union["beta_delta"],
         )
         by_group = {}
