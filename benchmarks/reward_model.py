@@ -109,7 +109,7 @@ def oracle_relabelled(data: Path, out: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from prefalign.data.storage import shard_files
+    from prefalign.data.storage import available_splits, shard_files
     from prefalign.data.validation import decode_image
 
     if (out / "card.json").is_file():
@@ -119,8 +119,6 @@ def oracle_relabelled(data: Path, out: Path) -> Path:
     for name in ("card.json", "prefalign_dataset.json", "README.md"):
         if (data / name).is_file():
             shutil.copy(data / name, out / name)
-    from prefalign.data.storage import available_splits
-
     for file in shard_files(data, "test") if "test" in available_splits(data) else []:
         shutil.copy(file, out / "data" / file.name)
     for file in shard_files(data, "train"):
