@@ -283,11 +283,11 @@ def main() -> None:
     if args.protocol:
         items = eval_prompts(args, load_backbone(args.model).latent_shape[-1])
         base = sample_scores(args.model, items, args, scorer, annotator)
-    for run in runs:
-        if run["seed"] != args.seeds[0] or not args.protocol:
-            continue  # the protocol on the first seed's models; curves cover every seed
-        for row in compare(sample_scores(run["export"], items, args, scorer, annotator), base, items.kinds):
-            rows.append({"variant": run["variant"], **row})
+        for run in runs:
+            if run["seed"] != args.seeds[0]:
+                continue  # the protocol on the first seed's models; curves cover every seed
+            for row in compare(sample_scores(run["export"], items, args, scorer, annotator), base, items.kinds):
+                rows.append({"variant": run["variant"], **row})
     finals = []
     for run in runs:
         rollouts = [p for p in run["curve"] if "reward_mean" in p]
