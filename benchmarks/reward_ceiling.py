@@ -34,12 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from _common import table, write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
 from prefalign.data import load_preference_data  # noqa: E402
+from prefalign.data.stats import pairwise_agreement  # noqa: E402
 from prefalign.rewards.clip import load_clip  # noqa: E402
+from prefalign.rewards.training import bradley_terry_loss  # noqa: E402
 from prefalign.worlds.shapes.annotator import Annotator, Measurements, measure  # noqa: E402
 
 MEASUREMENT_DIM = 19
@@ -100,34 +101,32 @@ def train_and_test(train: dict, test: dict, labels: str, fraction: float, args) 
     model = PerfectPerceptionReward(flat.mean(0), flat.std(0) + 1e-6)
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.01)
 
-    def margin(data: dict, index: torch.Tensor) -> torch.Tensor:
-        return model(data["measurements"][index, 0], data["images"][index, 0], data["prompts"][index]) - model(
-            data["measurements"][index, 1], data["images"][index, 1], data["prompts"][index]
-        )
+    def reward(data: dict, index: torch.Tensor, side: int) -> torch.Tensor:
+        return model(data["measurements"][index, side], data["images"][index, side], data["prompts"][index])
 
     for _ in range(args.epochs):
         model.train()
         order = rows[torch.randperm(len(rows), generator=generator)]
         for start in range(0, len(order), 128):
             batch = order[start : start + 128]
-            loss = F.binary_cross_entropy_with_logits(margin(train, batch), target[batch])
+            loss = bradley_terry_loss(reward(train, batch, 0), reward(train, batch, 1), target[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        predicted = margin(test, torch.arange(len(test["label_0"]))) > 0
-    untied = test["label_0"] != 0.5
+        everything = torch.arange(len(test["label_0"]))
+        difference = reward(test, everything, 0) - reward(test, everything, 1)
     gap = test["truth"][:, 0] - test["truth"][:, 1]
-    accuracy = float((predicted.float() == test["label_0"])[untied].float().mean())
-    ceiling = float(((gap > 0).float() == test["label_0"])[untied].float().mean())
+    true_label_0 = torch.where(gap > 0, 1.0, torch.where(gap < 0, 0.0, 0.5))  # noiseless ties are not counted
+    accuracy, ceiling = pairwise_agreement(difference, test["label_0"])[0], pairwise_agreement(gap, test["label_0"])[0]
     return {
         "labels": labels,
         "train_pairs": len(rows),
         "accuracy": accuracy,
         "ceiling": ceiling,
         "share_of_ceiling": accuracy / ceiling,
-        "true_order_acc": float((predicted == (gap > 0))[gap != 0].float().mean()),
+        "true_order_acc": pairwise_agreement(difference, true_label_0)[0],
     }
 
 
